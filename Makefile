@@ -1,0 +1,49 @@
+# kvnorm build and test entry points. `make demo` and `make test` are what a
+# new user runs; see README.md.
+
+GO        ?= go
+BIN       := bin
+OLLAMA_MOD := github.com/ollama/ollama
+# The llama.cpp and ggml headers come from the pinned Ollama module in the Go
+# module cache; llamacpp/.ollama links to it (nothing of Ollama is committed).
+OLLAMA_LINK := llamacpp/.ollama
+
+.PHONY: all build headers test test-short test-kernels vet fmt-check demo bench clean
+
+all: build
+
+headers: $(OLLAMA_LINK)
+
+$(OLLAMA_LINK): go.mod go.sum
+	$(GO) mod download $(OLLAMA_MOD)
+	ln -sfn "$$($(GO) list -m -f '{{.Dir}}' $(OLLAMA_MOD))" $(OLLAMA_LINK)
+	@test -f $(OLLAMA_LINK)/llama/llama.cpp/include/llama.h || { echo "llama.h not found under $(OLLAMA_LINK)"; exit 1; }
+
+build: headers
+	$(GO) build -o $(BIN)/kvnorm ./cmd/kvnorm
+
+# The README's test command: everything CI checks.
+test: headers vet fmt-check test-kernels
+	$(GO) test -count=1 ./...
+	$(GO) test -count=1 -race ./adapter/... ./hooks/...
+
+test-kernels:
+	$(GO) test -count=1 -tags noasm ./kernels/...
+	$(GO) test -count=1 -tags purego ./kernels/...
+	GODEBUG=cpu.avx2=off $(GO) test -count=1 ./kernels/...
+	GOARCH=arm64 $(GO) vet ./kernels/... ./hooks/... ./adapter/...
+
+vet: headers
+	$(GO) vet ./...
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+demo: build
+	./$(BIN)/kvnorm demo
+
+bench: build
+	./$(BIN)/kvnorm bench kernels
+
+clean:
+	rm -rf $(BIN) $(OLLAMA_LINK)
