@@ -1,0 +1,223 @@
+package kernels
+
+import (
+	"fmt"
+	"math"
+	"math/bits"
+	"slices"
+	"sync"
+)
+
+// Selection finds the k lowest scores in O(n) with a radix select on
+// order-preserving integer keys:
+//
+//  1. scoreKey maps each float32 to a uint32 whose unsigned order is the
+//     wanted score order (NaN highest, -0 equal to +0).
+//  2. Three histogram passes over 11, 11 and 10 bits of the keys find the key
+//     T of the k-th lowest score and the count of keys below T; each pass
+//     looks only at the keys that share the bits already fixed.
+//  3. One pass in index order emits every index whose key is below T and the
+//     first k-below indices whose key equals T. The result is therefore in
+//     ascending index order, and ties go to the lower index.
+//
+// Small inputs take a simpler sort-based path.
+
+// smallSelect is the largest n handled by sorting (key, index) pairs.
+const smallSelect = 256
+
+// Radix digits of the 32-bit key: 11 high bits, 11 middle bits, 10 low bits.
+const (
+	hiShift  = 21
+	midShift = 10
+	midMask  = 1<<11 - 1
+	loMask   = 1<<10 - 1
+)
+
+// scoreKey maps a score to a key whose unsigned order is the score order:
+// -Inf < negative < ±0 < positive < +Inf < NaN. Every NaN maps to the highest
+// key and -0 to the key of +0, so they tie (and the lower index wins).
+func scoreKey(f float32) uint32 {
+	b := math.Float32bits(f)
+	if b&0x7fffffff > 0x7f800000 {
+		return math.MaxUint32
+	}
+	if b == 0x80000000 {
+		b = 0
+	}
+	// Negative: flip all bits (larger magnitude sorts lower). Non-negative:
+	// set the sign bit (sorts above every negative).
+	return b ^ (uint32(int32(b)>>31) | 0x80000000)
+}
+
+// Selector computes lowest-k selections, keeping its scratch space between
+// calls so that repeated calls of similar size do not allocate. The zero
+// value is ready to use. A Selector must not be used by several goroutines at
+// once; the package-level [LowestK] and [LowestKBatched] draw Selectors from a
+// pool.
+type Selector struct {
+	hiHist  [1 << 11]uint32
+	midHist [1 << 11]uint32
+	loHist  [1 << 10]uint32
+	cand    []uint32 // keys sharing the high digit of the threshold
+	pairs   []uint64 // key<<32 | index, for the small path
+}
+
+var selectorPool = sync.Pool{New: func() any { return new(Selector) }}
+
+// LowestK returns the indices of the k lowest scores, in ascending index
+// order, appended to dst[:0]. Equal scores are ranked by index (the lower
+// index is kept first); -0 and +0 are equal; NaN ranks above +Inf, so NaN
+// scores are the last to be kept. k must be in [0, len(scores)] and
+// len(scores) at most MaxInt32; otherwise the error wraps [ErrShape]. It runs
+// in O(len(scores)) time.
+func LowestK(dst []int32, scores []float32, k int) ([]int32, error) {
+	s := selectorPool.Get().(*Selector)
+	defer selectorPool.Put(s)
+	return s.LowestK(dst, scores, k)
+}
+
+// LowestKBatched selects independently for each of heads rows of n scores:
+// scores is heads×n row-major, and the result, appended to dst[:0], is
+// heads×k row-major, row h holding the indices (0..n-1, within that row) of
+// the k lowest scores of head h in ascending order, with the tie rules of
+// [LowestK]. len(scores) must be heads*n and k in [0, n].
+func LowestKBatched(dst []int32, scores []float32, heads, n, k int) ([]int32, error) {
+	s := selectorPool.Get().(*Selector)
+	defer selectorPool.Put(s)
+	return s.LowestKBatched(dst, scores, heads, n, k)
+}
+
+// LowestK is the package-level [LowestK] using s's scratch space.
+func (s *Selector) LowestK(dst []int32, scores []float32, k int) ([]int32, error) {
+	n := len(scores)
+	if n > math.MaxInt32 {
+		return dst[:0], fmt.Errorf("%w: len(scores)=%d exceeds MaxInt32", ErrShape, n)
+	}
+	if k < 0 || k > n {
+		return dst[:0], fmt.Errorf("%w: k=%d is not in [0, len(scores)=%d]", ErrShape, k, n)
+	}
+	return s.lowestK(dst[:0], scores, k), nil
+}
+
+// LowestKBatched is the package-level [LowestKBatched] using s's scratch
+// space.
+func (s *Selector) LowestKBatched(dst []int32, scores []float32, heads, n, k int) ([]int32, error) {
+	if heads < 0 || n < 0 {
+		return dst[:0], fmt.Errorf("%w: heads=%d and n=%d must not be negative", ErrShape, heads, n)
+	}
+	if n > math.MaxInt32 {
+		return dst[:0], fmt.Errorf("%w: n=%d exceeds MaxInt32", ErrShape, n)
+	}
+	if hi, total := bits.Mul64(uint64(heads), uint64(n)); hi != 0 || total != uint64(len(scores)) {
+		return dst[:0], fmt.Errorf("%w: len(scores)=%d is not heads*n (heads=%d, n=%d)", ErrShape, len(scores), heads, n)
+	}
+	if k < 0 || k > n {
+		return dst[:0], fmt.Errorf("%w: k=%d is not in [0, n=%d]", ErrShape, k, n)
+	}
+	dst = slices.Grow(dst[:0], heads*k)
+	for h := range heads {
+		row := s.lowestK(dst[len(dst):len(dst)], scores[h*n:(h+1)*n], k)
+		dst = dst[:len(dst)+len(row)]
+	}
+	return dst, nil
+}
+
+// lowestK appends the selection to dst, which must be empty. Arguments are
+// valid: 0 <= k <= len(scores) <= MaxInt32.
+func (s *Selector) lowestK(dst []int32, scores []float32, k int) []int32 {
+	n := len(scores)
+	dst = slices.Grow(dst, k)
+	switch {
+	case k == 0:
+		return dst
+	case k == n:
+		for i := range n {
+			dst = append(dst, int32(i))
+		}
+		return dst
+	case n <= smallSelect:
+		return s.lowestKSmall(dst, scores, k)
+	}
+	t, below := s.threshold(scores, k)
+	ties := k - below // how many keys equal to t are kept, lowest index first
+	for i, f := range scores {
+		key := scoreKey(f)
+		if key < t {
+			dst = append(dst, int32(i))
+		} else if key == t && ties > 0 {
+			dst = append(dst, int32(i))
+			ties--
+		}
+	}
+	return dst
+}
+
+// lowestKSmall sorts (key, index) pairs: for small n this beats clearing the
+// histograms.
+func (s *Selector) lowestKSmall(dst []int32, scores []float32, k int) []int32 {
+	p := s.pairs[:0]
+	for i, f := range scores {
+		p = append(p, uint64(scoreKey(f))<<32|uint64(i))
+	}
+	s.pairs = p
+	slices.Sort(p)
+	for _, v := range p[:k] {
+		dst = append(dst, int32(uint32(v)))
+	}
+	slices.Sort(dst)
+	return dst
+}
+
+// threshold returns the key t of the score of rank k-1 (0-based, ties
+// broken by index) and the number of scores whose key is below t.
+// 1 <= k < len(scores).
+func (s *Selector) threshold(scores []float32, k int) (t uint32, below int) {
+	rank := uint32(k - 1)
+
+	// Pass 1: high digit of every key.
+	clear(s.hiHist[:])
+	for _, f := range scores {
+		s.hiHist[scoreKey(f)>>hiShift]++
+	}
+	hi, skipped := digitOf(s.hiHist[:], rank)
+	rank -= skipped
+
+	// Pass 2: keep the keys with that high digit; histogram their middle
+	// digit.
+	clear(s.midHist[:])
+	cand := s.cand[:0]
+	for _, f := range scores {
+		if key := scoreKey(f); key>>hiShift == hi {
+			cand = append(cand, key)
+			s.midHist[key>>midShift&midMask]++
+		}
+	}
+	s.cand = cand
+	mid, skipped2 := digitOf(s.midHist[:], rank)
+	rank -= skipped2
+
+	// Pass 3: low digit of the candidates that share the middle digit too.
+	clear(s.loHist[:])
+	for _, key := range cand {
+		if key>>midShift&midMask == mid {
+			s.loHist[key&loMask]++
+		}
+	}
+	lo, skipped3 := digitOf(s.loHist[:], rank)
+
+	t = hi<<hiShift | mid<<midShift | lo
+	return t, int(skipped + skipped2 + skipped3)
+}
+
+// digitOf returns the bucket holding the element of the given rank and the
+// number of elements in the buckets before it.
+func digitOf(hist []uint32, rank uint32) (digit, before uint32) {
+	for d, c := range hist {
+		if rank < c {
+			return uint32(d), before
+		}
+		rank -= c
+		before += c
+	}
+	panic("kernels: radix select rank beyond histogram") // unreachable: rank < total count
+}
