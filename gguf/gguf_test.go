@@ -357,7 +357,7 @@ func TestReadMalformed(t *testing.T) {
 		{"big endian", new(raw).header(0x03000000, 0, 0).Bytes(), ErrUnsupported, "big-endian"},
 		{"huge kv count", new(raw).header(3, 0, 1<<40).Bytes(), ErrTruncated, "metadata count"},
 		{"huge tensor count", new(raw).header(3, 1<<40, 0).Bytes(), ErrTruncated, "tensor count"},
-		{"huge key length", cat(new(raw).header(3, 0, 1).u64(1 << 60).Bytes(), make([]byte, 16)), ErrTruncated, "string length 1152921504606846976"},
+		{"huge key length", cat(new(raw).header(3, 0, 1).u64(1<<60).Bytes(), make([]byte, 16)), ErrTruncated, "string length 1152921504606846976"},
 		{"huge string value", kv("k", 8, cat(le64(1<<60), make([]byte, 8))...), ErrTruncated, `key "k": string length`},
 		{"huge array", kv("k", 9, cat(le32(4), le64(1<<40), make([]byte, 8))...), ErrTruncated, "array of 1099511627776 uint32"},
 		{"huge string array", kv("k", 9, cat(le32(8), le64(1<<40), make([]byte, 64))...), ErrTruncated, "array of 1099511627776 string"},
