@@ -138,18 +138,41 @@ func (s *Selector) lowestK(dst []int32, scores []float32, k int) []int32 {
 	case n <= smallSelect:
 		return s.lowestKSmall(dst, scores, k)
 	}
-	t, below := s.threshold(scores, k)
-	ties := k - below // how many keys equal to t are kept, lowest index first
-	for i, f := range scores {
-		key := scoreKey(f)
-		if key < t {
-			dst = append(dst, int32(i))
-		} else if key == t && ties > 0 {
-			dst = append(dst, int32(i))
-			ties--
+	t, below, equal := s.threshold(scores, k)
+	dst = dst[:k]
+	cnt := 0
+	if below+equal == k {
+		// Every score equal to the threshold is kept (the usual case: the
+		// threshold score is unique), so the test is simply key <= t.
+		for i := 0; i < len(scores) && cnt < k; i++ {
+			dst[cnt] = int32(i)
+			cnt += int(b2u(scoreKey(scores[i]) <= t))
 		}
+		return dst
+	}
+	// Emit without data-dependent branches (about half of them would be
+	// mispredicted): every index is written at dst[cnt], and cnt advances
+	// only when the index is kept. The loop ends once k are kept, so cnt < k
+	// at every write.
+	ties := uint(k - below) // keys equal to t still to keep, lowest index first
+	for i := 0; i < len(scores) && cnt < k; i++ {
+		key := scoreKey(scores[i])
+		eq := b2u(key == t) & b2u(ties > 0)
+		take := b2u(key < t) | eq
+		ties -= eq
+		dst[cnt] = int32(i)
+		cnt += int(take)
 	}
 	return dst
+}
+
+// b2u is 1 for true and 0 for false; the compiler makes it a SETcc.
+func b2u(b bool) uint {
+	var u uint
+	if b {
+		u = 1
+	}
+	return u
 }
 
 // lowestKSmall sorts (key, index) pairs: for small n this beats clearing the
@@ -169,9 +192,10 @@ func (s *Selector) lowestKSmall(dst []int32, scores []float32, k int) []int32 {
 }
 
 // threshold returns the key t of the score of rank k-1 (0-based, ties
-// broken by index) and the number of scores whose key is below t.
+// broken by index), the number of scores whose key is below t, and the
+// number whose key equals t.
 // 1 <= k < len(scores).
-func (s *Selector) threshold(scores []float32, k int) (t uint32, below int) {
+func (s *Selector) threshold(scores []float32, k int) (t uint32, below, equal int) {
 	rank := uint32(k - 1)
 
 	// Pass 1: high digit of every key.
@@ -182,17 +206,29 @@ func (s *Selector) threshold(scores []float32, k int) (t uint32, below int) {
 	hi, skipped := digitOf(s.hiHist[:], rank)
 	rank -= skipped
 
-	// Pass 2: keep the keys with that high digit; histogram their middle
-	// digit.
-	clear(s.midHist[:])
-	cand := s.cand[:0]
+	// Pass 2: gather the keys with that high digit, without branches: each
+	// key is written at cand[c] and c advances only on a match. Exactly
+	// hiHist[hi] keys match, so one spare slot suffices. Then histogram
+	// their middle digit.
+	count := int(s.hiHist[hi])
+	if cap(s.cand) < count+1 {
+		s.cand = make([]uint32, count+1)
+	}
+	cand := s.cand[:count+1]
+	c := 0
 	for _, f := range scores {
-		if key := scoreKey(f); key>>hiShift == hi {
-			cand = append(cand, key)
-			s.midHist[key>>midShift&midMask]++
+		key := scoreKey(f)
+		cand[c] = key
+		c += int(b2u(key>>hiShift == hi))
+		if c > count { // unreachable; lets the compiler drop the bounds check
+			break
 		}
 	}
-	s.cand = cand
+	cand = cand[:count]
+	clear(s.midHist[:])
+	for _, key := range cand {
+		s.midHist[key>>midShift&midMask]++
+	}
 	mid, skipped2 := digitOf(s.midHist[:], rank)
 	rank -= skipped2
 
@@ -206,7 +242,7 @@ func (s *Selector) threshold(scores []float32, k int) (t uint32, below int) {
 	lo, skipped3 := digitOf(s.loHist[:], rank)
 
 	t = hi<<hiShift | mid<<midShift | lo
-	return t, int(skipped + skipped2 + skipped3)
+	return t, int(skipped + skipped2 + skipped3), int(s.loHist[lo])
 }
 
 // digitOf returns the bucket holding the element of the given rank and the
