@@ -242,6 +242,23 @@ func readFloats(r io.Reader, dst []float32) error {
 	return nil
 }
 
+// NewCheckpoint returns a checkpoint with the given header and zero weights
+// of the right shapes, for building models in code (tests, synthetic
+// fixtures). The Config must pass Validate.
+func NewCheckpoint(c Config) (*Checkpoint, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	n := c.weightCount()
+	if !c.SharedClassifier {
+		n += int64(c.VocabSize) * int64(c.Dim)
+	}
+	if n > 1<<31 {
+		return nil, fmt.Errorf("%w: %d weights is too many to allocate in NewCheckpoint", ErrInvalid, n)
+	}
+	return checkpointFrom(c, make([]float32, n)), nil
+}
+
 // checkpointFrom slices the weights, in file order, out of all.
 func checkpointFrom(c Config, all []float32) *Checkpoint {
 	take := func(n int) []float32 {
