@@ -1,0 +1,71 @@
+//go:build cgo
+
+package llamacpp
+
+/*
+#cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
+#if !__has_include("llama.h")
+#error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
+#endif
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "llama.h"
+#include "ggml.h"
+#include "ggml-backend.h"
+
+static int kvn_log_min = GGML_LOG_LEVEL_ERROR;
+static int kvn_log_last = GGML_LOG_LEVEL_INFO;
+
+static void kvn_log(enum ggml_log_level level, const char *text, void *user_data) {
+	(void)user_data;
+	int l = level == GGML_LOG_LEVEL_CONT ? kvn_log_last : (int)level;
+	kvn_log_last = l;
+	if (l >= kvn_log_min) {
+		fputs(text, stderr);
+	}
+}
+
+static void kvn_init_log(void) { llama_log_set(kvn_log, NULL); }
+
+*/
+import "C"
+
+import (
+	"sync"
+
+	// libllama and ggml's CPU backend, compiled by cgo from the pinned
+	// Ollama module (see the Makefile's headers target).
+	_ "github.com/ollama/ollama/llama/llama.cpp/src"
+	_ "github.com/ollama/ollama/ml/backend/ggml/ggml/src"
+)
+
+var backendOnce sync.Once
+
+// initBackend initialises llama.cpp once per process and routes its logs
+// through SetLogLevel's filter.
+func initBackend() {
+	backendOnce.Do(func() {
+		C.kvn_init_log()
+		C.llama_backend_init()
+	})
+}
+
+// LogLevel filters what llama.cpp prints on stderr.
+type LogLevel int
+
+const (
+	LogDebug LogLevel = C.GGML_LOG_LEVEL_DEBUG
+	LogInfo  LogLevel = C.GGML_LOG_LEVEL_INFO
+	LogWarn  LogLevel = C.GGML_LOG_LEVEL_WARN
+	LogError LogLevel = C.GGML_LOG_LEVEL_ERROR // the default
+	LogNone  LogLevel = 100
+)
+
+// SetLogLevel makes llama.cpp print messages of level l and above on stderr
+// (the default prints errors only). Call it before opening a model.
+func SetLogLevel(l LogLevel) {
+	initBackend()
+	C.kvn_log_min = C.int(l)
+}

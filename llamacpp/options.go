@@ -1,0 +1,182 @@
+package llamacpp
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/kvnorm/kvnorm/hooks"
+	"github.com/kvnorm/kvnorm/kernels"
+)
+
+// Token is a llama.cpp token id (llama_token).
+type Token = int32
+
+// CacheType is the storage type of the K or V cache.
+type CacheType uint8
+
+const (
+	// CacheF16 is llama.cpp's default cache type.
+	CacheF16 CacheType = iota
+	// CacheQ8_0 stores 8-bit blocks of 32 (about half of F16).
+	CacheQ8_0
+	// CacheQ4_0 stores 4-bit blocks of 32 (about a quarter of F16).
+	CacheQ4_0
+	// CacheF32 stores float32 (exact keys; mostly for tests).
+	CacheF32
+	// CacheBF16 stores bfloat16.
+	CacheBF16
+)
+
+var cacheTypeNames = [...]string{CacheF16: "f16", CacheQ8_0: "q8_0", CacheQ4_0: "q4_0", CacheF32: "f32", CacheBF16: "bf16"}
+
+// String returns the name ParseCacheType accepts.
+func (t CacheType) String() string {
+	if int(t) < len(cacheTypeNames) {
+		return cacheTypeNames[t]
+	}
+	return fmt.Sprintf("cachetype(%d)", uint8(t))
+}
+
+// ParseCacheType parses f16, q8_0, q4_0, f32 or bf16.
+func ParseCacheType(s string) (CacheType, error) {
+	for i, n := range cacheTypeNames {
+		if strings.EqualFold(s, n) {
+			return CacheType(i), nil
+		}
+	}
+	return 0, fmt.Errorf("%w: cache type %q: want one of %s", ErrBadInput, s, strings.Join(cacheTypeNames[:], ", "))
+}
+
+// quantized reports whether values of this type need flash attention in
+// llama.cpp when used for the V cache.
+func (t CacheType) quantized() bool { return t == CacheQ8_0 || t == CacheQ4_0 }
+
+// dtype is the kernels type of the cache, when the kernels can read a row of
+// dim elements of it.
+func (t CacheType) dtype(dim int) (kernels.DType, bool) {
+	var d kernels.DType
+	switch t {
+	case CacheF16:
+		d = kernels.F16
+	case CacheF32:
+		d = kernels.F32
+	case CacheBF16:
+		d = kernels.BF16
+	case CacheQ8_0:
+		d = kernels.Q8_0
+	default:
+		return 0, false
+	}
+	if _, err := d.RowBytes(dim); err != nil {
+		return 0, false
+	}
+	return d, true
+}
+
+// FlashAttn says whether a context uses flash attention. The zero value is
+// on, the default this package recommends: eviction works either way, and a
+// quantized V cache needs it.
+type FlashAttn uint8
+
+const (
+	FlashAttnOn   FlashAttn = iota // always (the default)
+	FlashAttnOff                   // never
+	FlashAttnAuto                  // llama.cpp decides
+)
+
+// String returns "on", "off" or "auto".
+func (f FlashAttn) String() string {
+	switch f {
+	case FlashAttnOn:
+		return "on"
+	case FlashAttnOff:
+		return "off"
+	case FlashAttnAuto:
+		return "auto"
+	}
+	return fmt.Sprintf("flashattn(%d)", uint8(f))
+}
+
+// ContextOptions configure a Context. The zero value is usable.
+type ContextOptions struct {
+	// NCtx is the number of KV cells of each sequence; llama.cpp pads it up
+	// to a multiple of 256. 0 means 2048.
+	NCtx int
+	// NBatch is the most tokens one llama_decode call takes: longer inputs
+	// are decoded in chunks of NBatch (and compressed between chunks when a
+	// compressor is attached). It must fit in the cache. 0 means
+	// min(512, cells per sequence).
+	NBatch int
+	// Threads used by llama.cpp; 0 means runtime.NumCPU(). Tiny models run
+	// best on 1.
+	Threads int
+	// Seqs is the number of sequences the context holds, each with its own
+	// NCtx cells (llama.cpp streams, kv_unified off). 0 means 1.
+	Seqs int
+	// FlashAttn defaults to on.
+	FlashAttn FlashAttn
+	// KType and VType are the cache types; they default to F16. A quantized
+	// V cache needs flash attention.
+	KType, VType CacheType
+}
+
+// ModelInfo describes a loaded model.
+type ModelInfo struct {
+	Path      string
+	Desc      string // llama_model_desc, e.g. "llama ?B all F32"
+	Layers    int    // layers with a KV cache
+	Heads     int    // query heads
+	KVHeads   int    // key/value heads
+	Embd      int    // model width
+	HeadDim   int    // elements of one key: n_embd_k_gqa / n_head_kv
+	Vocab     int    // tokens in the vocabulary
+	TrainCtx  int    // context length the model was trained with
+	BOS, EOS  Token
+	AddBOS    bool // the vocabulary asks for BOS at the start of a prompt
+	Recurrent bool // recurrent models have no KV cache to compress
+}
+
+// GenerateOptions configure Context.Generate.
+type GenerateOptions struct {
+	// MaxTokens is the most tokens generated (0 generates none: only the
+	// prompt is decoded and compressed).
+	MaxTokens int
+	// Sampler picks each token; nil is greedy.
+	Sampler *Sampler
+	// IgnoreEOG keeps generating past end-of-generation tokens.
+	IgnoreEOG bool
+	// OnToken, if set, sees every generated token and its text as it comes;
+	// returning false stops the generation.
+	OnToken func(tok Token, piece string) bool
+}
+
+// Generation is the outcome of Context.Generate.
+type Generation struct {
+	PromptTokens int
+	Tokens       []Token // generated tokens
+	Text         string  // their text
+	// CellsBefore is the number of KV cells of the sequence once the prompt
+	// has been decoded, before the prefill compression; CellsAfter after it.
+	// A prompt longer than the cache was already compressed in chunks, so
+	// CellsBefore is then at most the capacity.
+	CellsBefore, CellsAfter int
+	// CellsEnd is the number of KV cells at the end of the generation.
+	CellsEnd int
+	// Prefill is the prefill compression (zero without a compressor).
+	Prefill     hooks.Stats
+	PrefillTime time.Duration // decoding the prompt, chunk compressions included
+	// CompressTime is the prefill compression (planning and evicting).
+	CompressTime time.Duration
+	DecodeTime   time.Duration // generating the tokens
+	// Stop is why generation ended: "max_tokens", "eog" or "callback".
+	Stop string
+}
+
+// DecodeTokensPerSecond is the generation speed.
+func (g *Generation) DecodeTokensPerSecond() float64 {
+	if g.DecodeTime <= 0 || len(g.Tokens) == 0 {
+		return 0
+	}
+	return float64(len(g.Tokens)) / g.DecodeTime.Seconds()
+}
