@@ -39,7 +39,7 @@ func TestNormsNoOverread(t *testing.T) {
 					genericNorms(want, s, dt, dim, true)
 					got := make([]float32, n)
 					require.NoError(t, Norms(got, s, dt, dim))
-					requireClose(t, want, got, dt, dim, n)
+					requireClose(t, want, got, true, dt, dim, n)
 				}
 			}
 		}

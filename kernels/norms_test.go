@@ -32,7 +32,7 @@ func checkNorms(t *testing.T, dt DType, n, dim, off int, src []byte) {
 		}
 		require.NoError(t, err)
 		requireGuards(t, all)
-		requireClose(t, want, got, fmt.Sprintf("dtype=%v n=%d dim=%d off=%d sqrt=%v", dt, n, dim, off, sqrt))
+		requireClose(t, want, got, sqrt, fmt.Sprintf("dtype=%v n=%d dim=%d off=%d sqrt=%v", dt, n, dim, off, sqrt))
 	}
 }
 
@@ -125,7 +125,7 @@ func TestNormsTyped(t *testing.T) {
 							got, all := guarded(n)
 							require.NoError(t, c.run(got, sqrt))
 							requireGuards(t, all)
-							requireClose(t, want, got, c.dt, dim, n, off, sqrt)
+							requireClose(t, want, got, sqrt, c.dt, dim, n, off, sqrt)
 						}
 					}
 				}
@@ -198,7 +198,7 @@ func TestNormsSpecialValues(t *testing.T) {
 						got := make([]float32, n)
 						require.NoError(t, SquaredNorms(got, src, tc.dt, dim))
 						want := tc.wantF(dim)
-						assert.True(t, closeEnough(want, got[0]), "dim=%d: squared norm of row 0 = %v, want %v", dim, got[0], want)
+						assert.True(t, closeEnough(want, got[0], false), "dim=%d: squared norm of row 0 = %v, want %v", dim, got[0], want)
 					}
 				}
 			})
