@@ -478,3 +478,33 @@ func TestConvertFile(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, uint32(2), qv)
 }
+
+// FuzzEncode checks Encode against the quadratic oracle and the round trip
+// through Decode, for arbitrary (also invalid UTF-8) text.
+func FuzzEncode(f *testing.F) {
+	_, tok := loadStories(f)
+	for _, s := range sampleTexts {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		ids := tok.Encode(s, false)
+		require.Equal(t, naiveEncode(tok, s, false), ids)
+		require.Equal(t, s, tok.Decode(ids))
+	})
+}
+
+// FuzzReadCheckpoint checks that arbitrary bytes never panic the reader and
+// that a header passing validation only succeeds at its exact size.
+func FuzzReadCheckpoint(f *testing.F) {
+	valid := checkpointBytes(f, randomCheckpoint(f, tinyConfig, 2))
+	f.Add(valid)
+	f.Add(valid[:40])
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ck, err := ReadCheckpointFrom(bytes.NewReader(data), int64(len(data)))
+		if err != nil {
+			require.ErrorIs(t, err, ErrFormat)
+			return
+		}
+		require.Equal(t, ck.Config.FileSize(), int64(len(data)))
+	})
+}
