@@ -29,6 +29,9 @@ static void kvn_log(enum ggml_log_level level, const char *text, void *user_data
 
 static void kvn_init_log(void) { llama_log_set(kvn_log, NULL); }
 
+// LogLevel in log.go mirrors enum ggml_log_level.
+_Static_assert(GGML_LOG_LEVEL_DEBUG == 1 && GGML_LOG_LEVEL_INFO == 2 && GGML_LOG_LEVEL_WARN == 3 && GGML_LOG_LEVEL_ERROR == 4, "kvnorm/llamacpp: ggml_log_level changed: update log.go");
+
 */
 import "C"
 
@@ -51,17 +54,6 @@ func initBackend() {
 		C.llama_backend_init()
 	})
 }
-
-// LogLevel filters what llama.cpp prints on stderr.
-type LogLevel int
-
-const (
-	LogDebug LogLevel = C.GGML_LOG_LEVEL_DEBUG
-	LogInfo  LogLevel = C.GGML_LOG_LEVEL_INFO
-	LogWarn  LogLevel = C.GGML_LOG_LEVEL_WARN
-	LogError LogLevel = C.GGML_LOG_LEVEL_ERROR // the default
-	LogNone  LogLevel = 100
-)
 
 // SetLogLevel makes llama.cpp print messages of level l and above on stderr
 // (the default prints errors only). Call it before opening a model.

@@ -165,6 +165,13 @@ func (m *Model) NewContext(o ContextOptions) (*Context, error) {
 	if err := m.live(); err != nil {
 		return nil, err
 	}
+	for _, t := range []CacheType{o.KType, o.VType} {
+		// ggml quantizes whole blocks of 32 per head: llama.cpp aborts on
+		// smaller heads, so refuse before it does.
+		if t.quantized() && m.info.HeadDim%32 != 0 {
+			return nil, fmt.Errorf("%w: a %s cache needs a head dim that is a multiple of 32; %s has %d (use f16)", ErrBadInput, t, m.info.Path, m.info.HeadDim)
+		}
+	}
 	if m.info.Recurrent {
 		return nil, fmt.Errorf("%w: %s is a recurrent model: it has no KV cache to compress", hooks.ErrUnsupported, m.info.Path)
 	}
@@ -457,6 +464,36 @@ func (c *Context) SeqState(seq hooks.SeqID) ([]byte, error) {
 		return nil, err
 	}
 	return stateBytes(c.c, seq)
+}
+
+// Resync re-reads which positions seq holds from llama.cpp's state. The
+// context keeps its own account of the cells it decoded and evicted; call
+// Resync after changing the cache behind its back (state-mode Compress on
+// Raw, or llama_memory_* calls of your own). The attached observer, if any,
+// is not told: Forget what it should not plan for.
+func (c *Context) Resync(seq hooks.SeqID) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.liveLocked(); err != nil {
+		return err
+	}
+	if err := c.checkSeq(seq); err != nil {
+		return err
+	}
+	b, err := stateBytes(c.c, seq)
+	if err != nil {
+		return err
+	}
+	st, err := ParseSeqState(b)
+	if err != nil {
+		return err
+	}
+	var set posSet
+	for _, cell := range st.Cells {
+		set.add(cell.Pos)
+	}
+	c.live[seq] = set
+	return nil
 }
 
 // Decode appends tokens to seq after its last position and returns the

@@ -4,6 +4,7 @@ package llamacpp_test
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/kvnorm/kvnorm/gguf"
 	"github.com/kvnorm/kvnorm/llama2c"
 	"github.com/kvnorm/kvnorm/llamacpp"
 )
@@ -101,4 +103,65 @@ func newCtx(t testing.TB, m *llamacpp.Model, o llamacpp.ContextOptions) *llamacp
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+var (
+	wideOnce sync.Once
+	widePath string
+	wideErr  error
+)
+
+// wideGGUF is a synthetic model (seeded random weights, the stories260K
+// tokenizer) with a head dim of 32, the smallest a q8_0 or q4_0 cache takes.
+// Its text is noise; it is for cache types, not for quality.
+func wideGGUF(t testing.TB) string {
+	t.Helper()
+	dir := modelsDir()
+	if dir == "" {
+		t.Skip("../shared/models/tok512.bin not found beside the repository: skipping the llama.cpp tests that need a model")
+	}
+	wideOnce.Do(func() {
+		cfg := llama2c.Config{Dim: 128, HiddenDim: 256, NLayers: 3, NHeads: 4, NKVHeads: 2, VocabSize: 512, SeqLen: 512, SharedClassifier: true}
+		ck, err := llama2c.NewCheckpoint(cfg)
+		if err != nil {
+			wideErr = err
+			return
+		}
+		rng := rand.New(rand.NewPCG(1, 2))
+		fill := func(w []float32, scale float32) {
+			for i := range w {
+				w[i] = float32(rng.NormFloat64()) * scale
+			}
+		}
+		ones := func(w []float32) {
+			for i := range w {
+				w[i] = 1
+			}
+		}
+		fill(ck.TokenEmbedding, 0.5)
+		ones(ck.FinalNorm)
+		for i := range ck.Layers {
+			L := &ck.Layers[i]
+			ones(L.AttnNorm)
+			ones(L.FFNNorm)
+			for _, w := range [][]float32{L.WQ, L.WK, L.WV, L.WO, L.W1, L.W3} {
+				fill(w, 0.09)
+			}
+			fill(L.W2, 0.06)
+		}
+		tok, err := llama2c.ReadTokenizer(filepath.Join(dir, "tok512.bin"), cfg.VocabSize)
+		if err != nil {
+			wideErr = err
+			return
+		}
+		w, err := llama2c.ToGGUF(ck, tok, gguf.F32)
+		if err != nil {
+			wideErr = err
+			return
+		}
+		widePath = filepath.Join(tmpDir, "wide-hd32.gguf")
+		wideErr = w.WriteFile(widePath)
+	})
+	require.NoError(t, wideErr, "build the synthetic head-dim-32 model")
+	return widePath
 }

@@ -180,6 +180,11 @@ func (m *Model) Detokenize(tokens []Token) (string, error) {
 	if err := m.checkTokens(tokens); err != nil {
 		return "", err
 	}
+	// llama_detokenize keeps the tokenizer's leading space when it drops a
+	// BOS; dropping the BOS here lets it remove that space too.
+	if len(tokens) > 0 && tokens[0] == m.info.BOS && m.info.AddBOS {
+		tokens = tokens[1:]
+	}
 	if len(tokens) == 0 {
 		return "", nil
 	}

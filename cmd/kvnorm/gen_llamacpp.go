@@ -1,0 +1,142 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/llama2c"
+	"github.com/kvnorm/kvnorm/llamacpp"
+)
+
+func init() {
+	generators["llamacpp"] = generateLlamacpp
+}
+
+// generateLlamacpp runs `kvnorm generate --runtime llamacpp`: the prompt is
+// decoded into a llama.cpp context (in chunks when it exceeds --ctx), the
+// cache is compressed after prefill with the policy (keys streamed through
+// cb_eval), then --n tokens are generated, compressing again under pressure.
+func generateLlamacpp(ctx context.Context, o generateOptions) (*generateResult, error) {
+	logw := o.Log
+	if logw == nil {
+		logw = io.Discard
+	}
+	path, cleanup, err := ggufModel(o.Model, o.Tokenizer, logw)
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+
+	m, err := llamacpp.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	ct, err := llamacpp.ParseCacheType(o.CacheType)
+	if err != nil {
+		return nil, fmt.Errorf("--cache-type: %w", err)
+	}
+	fa := llamacpp.FlashAttnOff
+	if o.FlashAttn {
+		fa = llamacpp.FlashAttnOn
+	}
+	lc, err := m.NewContext(llamacpp.ContextOptions{
+		NCtx: o.Ctx, NBatch: o.Batch, Threads: o.Threads, FlashAttn: fa, KType: ct, VType: ct,
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer lc.Close()
+	var comp *adapter.Compressor
+	if o.Compress {
+		if comp, err = lc.EnableCompression(o.Policy); err != nil {
+			return nil, err
+		}
+	}
+	prompt, err := m.Tokenize(o.Prompt, true)
+	if err != nil {
+		return nil, err
+	}
+	if len(prompt) == 0 {
+		return nil, errors.New("the prompt has no tokens")
+	}
+	if len(prompt) > lc.Capacity() && comp == nil {
+		return nil, fmt.Errorf("the prompt has %d tokens but the context holds %d cells: raise --ctx, or compress (--keep < 1 or --budget) to feed it in chunks", len(prompt), lc.Capacity())
+	}
+	fmt.Fprintf(logw, "llamacpp: %s, %d prompt tokens, %d cells per sequence, cache %s, flash attention %v\n",
+		m.Info().Desc, len(prompt), lc.Capacity(), ct, fa)
+
+	var sampler *llamacpp.Sampler
+	if o.Temp > 0 {
+		sampler = llamacpp.NewSampler(o.Temp, 0, 0, o.Seed)
+	}
+	g, err := lc.Generate(ctx, 0, prompt, llamacpp.GenerateOptions{MaxTokens: o.N, Sampler: sampler})
+	if err != nil {
+		return nil, err
+	}
+	res := &generateResult{
+		Runtime:          "llamacpp",
+		Model:            o.Model,
+		Policy:           "none",
+		Granularity:      o.Policy.Granularity.String(),
+		Keep:             1,
+		PromptTokens:     g.PromptTokens,
+		KVCellsBefore:    g.CellsBefore,
+		KVCellsAfter:     g.CellsAfter,
+		KVBytesBefore:    int64(g.CellsBefore) * lc.CellBytes(),
+		KVBytesAfter:     int64(g.CellsAfter) * lc.CellBytes(),
+		GeneratedTokens:  len(g.Tokens),
+		Text:             g.Text,
+		PrefillMs:        ms(g.PrefillTime.Seconds()),
+		DecodeTokensPerS: g.DecodeTokensPerSecond(),
+	}
+	if comp != nil {
+		tot := comp.Totals()
+		res.Policy = o.Policy.Method.String()
+		res.Keep = o.Policy.Keep
+		res.Budget = o.Policy.Budget
+		res.Compressions = tot.Compressions
+		res.CompressMs = ms((tot.PlanTime + tot.ApplyTime).Seconds())
+		fmt.Fprintf(logw, "llamacpp: policy %s: %d compressions, %d KV cells after prefill, %d at the end\n",
+			o.Policy, tot.Compressions, g.CellsAfter, g.CellsEnd)
+	}
+	return res, nil
+}
+
+func ms(s float64) float64 { return s * 1000 }
+
+// ggufModel returns a GGUF path for --model: the file itself when it is a
+// GGUF file, else a llama2.c checkpoint converted (with --tokenizer) to a
+// temporary GGUF file, removed by cleanup.
+func ggufModel(model, tokenizer string, logw io.Writer) (path string, cleanup func(), err error) {
+	f, err := os.Open(model)
+	if err != nil {
+		return "", nil, fmt.Errorf("--model: %w", err)
+	}
+	magic := make([]byte, 4)
+	_, rerr := io.ReadFull(f, magic)
+	f.Close()
+	if rerr == nil && bytes.Equal(magic, []byte("GGUF")) {
+		return model, func() {}, nil
+	}
+	if tokenizer == "" {
+		return "", nil, fmt.Errorf("--model %s is not a GGUF file; a llama2.c checkpoint needs --tokenizer", model)
+	}
+	dir, err := os.MkdirTemp("", "kvnorm-gguf")
+	if err != nil {
+		return "", nil, err
+	}
+	out := filepath.Join(dir, filepath.Base(model)+".gguf")
+	fmt.Fprintf(logw, "llamacpp: %s is not GGUF: converting it as a llama2.c checkpoint (tokenizer %s) to %s (f32)\n", model, tokenizer, out)
+	if err := llama2c.ConvertFile(model, tokenizer, out, "f32"); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("--model %s: not GGUF, and as a llama2.c checkpoint: %w", model, err)
+	}
+	return out, func() { os.RemoveAll(dir) }, nil
+}
