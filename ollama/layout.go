@@ -57,6 +57,10 @@ func (lc *layerCells) appendPos(p int32) {
 
 // truncate keeps the first n cells.
 func (lc *layerCells) truncate(n int) {
+	if n == 0 {
+		*lc = layerCells{}
+		return
+	}
 	if lc.heads != nil {
 		for h := range lc.heads {
 			lc.heads[h] = lc.heads[h][:n]

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ollama/ollama/fs"
 	"github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
 	_ "github.com/ollama/ollama/ml/backend" // the ggml backend
@@ -20,33 +21,7 @@ import (
 	"github.com/ollama/ollama/model/input"
 	_ "github.com/ollama/ollama/model/models" // every architecture
 	"github.com/ollama/ollama/tokenizer"
-
-	"github.com/kvnorm/kvnorm/adapter"
 )
-
-// Config configures a Session.
-type Config struct {
-	// Policy compresses the cache; nil runs kvnorm's cache without
-	// compression.
-	Policy *adapter.Policy
-	// Upstream keeps the model's own Ollama cache (no kvnorm at all), for
-	// comparisons; Policy must be nil then.
-	Upstream bool
-	// Context is the number of cells per sequence (default 512).
-	Context int
-	// Sequences is the number of sequences decoded side by side (default 1).
-	Sequences int
-	// Batch is the largest number of tokens per forward pass (default 512).
-	Batch int
-	// Threads is the number of CPU threads (default 1).
-	Threads int
-	// FlashAttention selects ggml's fused attention kernel.
-	FlashAttention bool
-	// CacheType is the KV cache type: f16 (default), f32, q8_0 or q4_0.
-	CacheType string
-	// Logger receives compression lines; nil discards them.
-	Logger *slog.Logger
-}
 
 // Session is a model loaded in Ollama's Go engine with its cache, decoding
 // one or more sequences. It is safe for concurrent use; calls are serialised.
@@ -61,21 +36,6 @@ type Session struct {
 	capacity    int
 	next        map[int]int32
 	closed      bool
-}
-
-// ParseCacheType maps a KV cache type name to Ollama's dtype.
-func ParseCacheType(s string) (ml.DType, error) {
-	switch strings.ToLower(s) {
-	case "", "f16":
-		return ml.DTypeF16, nil
-	case "f32":
-		return ml.DTypeF32, nil
-	case "q8_0":
-		return ml.DTypeQ80, nil
-	case "q4_0":
-		return ml.DTypeQ40, nil
-	}
-	return 0, fmt.Errorf("ollama: cache type %q: want f16, f32, q8_0 or q4_0", s)
 }
 
 // Open loads a GGUF model into Ollama's Go engine on the CPU and installs
@@ -130,6 +90,9 @@ func Open(path string, cfg Config) (*Session, error) {
 	s.tok = tok
 	bc := m.Backend().Config()
 	s.spacePrefix = bc.String("tokenizer.ggml.model") == "llama" && bc.Bool("tokenizer.ggml.add_space_prefix", true)
+	if (dtype == ml.DTypeQ80 || dtype == ml.DTypeQ40) && headDim(bc)%32 != 0 {
+		return fail(fmt.Errorf("ollama: cache type %s needs a head size that is a multiple of 32; %s has %d", cfg.CacheType, path, headDim(bc)))
+	}
 	s.kv.Init(m.Backend(), dtype, cfg.Sequences, cfg.Context, cfg.Batch)
 	if err := m.Backend().Load(context.Background(), func(float32) {}); err != nil {
 		s.kv.Close()
@@ -142,11 +105,14 @@ func Open(path string, cfg Config) (*Session, error) {
 	return s, nil
 }
 
-func cmpOr(v, def int) int {
-	if v == 0 {
-		return def
+func headDim(c fs.Config) int {
+	if d := int(c.Uint("attention.key_length")); d > 0 {
+		return d
 	}
-	return v
+	if h := int(c.Uint("attention.head_count")); h > 0 {
+		return int(c.Uint("embedding_length")) / h
+	}
+	return 0
 }
 
 // Close frees the model and its cache. It is safe to call twice.
@@ -290,25 +256,35 @@ func (s *Session) Reset(seq int) error {
 	return s.kv.Remove(seq, 0, math.MaxInt32)
 }
 
-// GenerateOptions control Generate.
-type GenerateOptions struct {
-	// Temperature 0 is greedy (ties go to the lowest id).
-	Temperature float64
-	Seed        uint64
-	// IgnoreEOS keeps generating past an end-of-sequence token.
-	IgnoreEOS bool
-	// Logits, when set, receives the logits before every generated token.
-	Logits func(step int, logits []float32)
+// Remove deletes positions [begin, end) of seq as Ollama's runner does:
+// end = math.MaxInt32 truncates, anything else is a context shift that
+// renumbers the later positions.
+func (s *Session) Remove(seq int, begin, end int32) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.kv.Remove(seq, begin, end); err != nil {
+		return err
+	}
+	next := s.next[seq]
+	switch {
+	case end == math.MaxInt32:
+		next = min(next, begin)
+	case next >= end:
+		next -= end - begin
+	case next > begin:
+		next = begin
+	}
+	s.next[seq] = next
+	return nil
 }
 
-// Generation is the result of Generate.
-type Generation struct {
-	Prompt  []int32
-	Tokens  []int32
-	Text    string
-	Prefill time.Duration // decoding the prompt
-	Flush   time.Duration // reading back norms and compressing after the prompt
-	Decode  time.Duration // generating Tokens
+// CopyPrefix makes dst hold positions [0, n) of src, as Ollama's runner does
+// when a new request shares a prefix with another slot.
+func (s *Session) CopyPrefix(src, dst int, n int32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.kv.CopyPrefix(src, dst, n)
+	s.next[dst] = min(n, s.next[src])
 }
 
 // Generate decodes prompt into seq, compresses it (with a policy) and
@@ -354,33 +330,4 @@ func (s *Session) Generate(ctx context.Context, seq int, prompt []int32, n int, 
 	g.Decode = time.Since(t0)
 	g.Text, err = s.Detokenize(g.Tokens)
 	return g, err
-}
-
-// Sample picks a token: the argmax (lowest id on ties) at temperature 0,
-// else a draw from softmax(logits/temperature).
-func Sample(logits []float32, temperature float64, rng *rand.Rand) int32 {
-	best := 0
-	for i, v := range logits {
-		if v > logits[best] {
-			best = i
-		}
-	}
-	if temperature <= 0 || rng == nil {
-		return int32(best)
-	}
-	top := float64(logits[best])
-	w := make([]float64, len(logits))
-	var sum float64
-	for i, v := range logits {
-		w[i] = math.Exp((float64(v) - top) / temperature)
-		sum += w[i]
-	}
-	r := rng.Float64() * sum
-	for i, x := range w {
-		r -= x
-		if r <= 0 {
-			return int32(i)
-		}
-	}
-	return int32(best)
 }

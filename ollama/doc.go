@@ -1,0 +1,34 @@
+// Package ollama is kvnorm's adapter for Ollama's Go engine (Ollama v0.24.0,
+// the last release with kvcache/, model/ and runner/ollamarunner): a KV cache
+// that evicts by key norm, per KV head as in Devoto et al. 2024, or per token.
+//
+// Data flow through one forward pass of the runner:
+//
+//	Cache.StartForward(batch)   read back the norms of the previous batch ->
+//	                            Compressor.ObserveKeys; compress sequences
+//	                            whose prompt ended (PrefillDone) or that would
+//	                            not fit (CachePressure); place the batch after
+//	                            each sequence's kept cells; build masks
+//	Cache.Put(key, value)       store K/V with set_rows; add sqrt(sum(k²)) per
+//	                            head to the graph, into a small norm buffer
+//	Cache.Get()                 views over the kept cells of the sequences of
+//	                            the batch, and the mask of this layer's layout
+//	Compressor -> CompactHeads  get_rows/set_rows gather every head's own kept
+//	                            cells to the front of its slab, in one op per
+//	                            layer for K and for V
+//
+// Install puts a Cache in place of the causal cache of a model loaded with
+// model.New (before the cache's Init), as kvnorm's Ollama fork does in its
+// runner. Session loads a GGUF model in the engine for tools, tests and the
+// conformance suite: tokenize, decode with logits, greedy generation.
+//
+// What differs from Ollama's kvcache.Causal: each sequence slot owns a slab
+// of cells (no cells shared between sequences; CopyPrefix copies), keys are
+// laid out [headDim, cells, kvHeads], a context shift of a sequence kvnorm has
+// compressed is refused (the runner then decodes its inputs again), and the
+// cache needs no sliding window. Architectures whose cache is a
+// *kvcache.WrapperCache (gemma2/3/3n, llama4, mllama, gpt-oss, olmo3, ...) or
+// holds latent vectors (deepseek2) are refused by Install.
+//
+// Everything that loads a model needs cgo; without it Open returns ErrNoCgo.
+package ollama
