@@ -28,6 +28,8 @@ type Writer struct {
 type writerTensor struct {
 	info TensorInfo
 	data []byte
+	// gen, when set, produces the data at write time (see AddTensorFunc).
+	gen func() ([]byte, error)
 }
 
 // NewWriter returns an empty Writer.
@@ -125,29 +127,58 @@ func (w *Writer) KVs() []KV { return append([]KV(nil), w.kvs...) }
 // [TensorType.ByteSize] and [Quantize]); the writer keeps it as given until
 // written. The name must be new, non-empty and at most [MaxNameLen] bytes.
 func (w *Writer) AddTensor(name string, typ TensorType, dims []uint64, data []byte) error {
-	switch {
-	case name == "":
-		return fmt.Errorf("%w: empty tensor name", ErrInvalid)
-	case len(name) > MaxNameLen:
-		return fmt.Errorf("%w: tensor %q: name longer than %d bytes", ErrInvalid, name, MaxNameLen)
-	}
-	if _, dup := w.tIndex[name]; dup {
-		return fmt.Errorf("%w: tensor %q added twice", ErrInvalid, name)
-	}
-	size, err := typ.ByteSize(dims)
+	size, err := w.checkTensor(name, typ, dims)
 	if err != nil {
-		return fmt.Errorf("%w: tensor %q: %w", ErrInvalid, name, err)
+		return err
 	}
 	if uint64(len(data)) != size {
 		return fmt.Errorf("%w: tensor %q: %d bytes of data, want %d for %s %v",
 			ErrInvalid, name, len(data), size, typ, dims)
 	}
+	w.addTensor(name, typ, dims, size, data, nil)
+	return nil
+}
+
+// AddTensorFunc adds a tensor whose data gen produces when the file is
+// written, so a large file (a synthetic model, say) never has all its
+// tensors in memory at once. gen must return exactly the tensor's bytes.
+func (w *Writer) AddTensorFunc(name string, typ TensorType, dims []uint64, gen func() ([]byte, error)) error {
+	size, err := w.checkTensor(name, typ, dims)
+	if err != nil {
+		return err
+	}
+	if gen == nil {
+		return fmt.Errorf("%w: tensor %q: nil data function", ErrInvalid, name)
+	}
+	w.addTensor(name, typ, dims, size, nil, gen)
+	return nil
+}
+
+func (w *Writer) addTensor(name string, typ TensorType, dims []uint64, size uint64, data []byte, gen func() ([]byte, error)) {
 	w.tIndex[name] = len(w.tensors)
 	w.tensors = append(w.tensors, writerTensor{
 		info: TensorInfo{Name: name, Type: typ, Dims: append([]uint64(nil), dims...), Size: size},
 		data: data,
+		gen:  gen,
 	})
-	return nil
+}
+
+// checkTensor validates a new tensor's name and shape and returns its size.
+func (w *Writer) checkTensor(name string, typ TensorType, dims []uint64) (uint64, error) {
+	switch {
+	case name == "":
+		return 0, fmt.Errorf("%w: empty tensor name", ErrInvalid)
+	case len(name) > MaxNameLen:
+		return 0, fmt.Errorf("%w: tensor %q: name longer than %d bytes", ErrInvalid, name, MaxNameLen)
+	}
+	if _, dup := w.tIndex[name]; dup {
+		return 0, fmt.Errorf("%w: tensor %q added twice", ErrInvalid, name)
+	}
+	size, err := typ.ByteSize(dims)
+	if err != nil {
+		return 0, fmt.Errorf("%w: tensor %q: %w", ErrInvalid, name, err)
+	}
+	return size, nil
 }
 
 // AddFloat32s quantizes values to typ with [Quantize] and adds the tensor.
@@ -220,7 +251,16 @@ func (w *Writer) WriteTo(out io.Writer) (int64, error) {
 	}
 	e.pad(uint64(a))
 	for _, t := range w.tensors {
-		e.raw(t.data)
+		data := t.data
+		if t.gen != nil && e.err == nil {
+			if data, err = t.gen(); err != nil {
+				return e.n, fmt.Errorf("tensor %q: %w", t.info.Name, err)
+			}
+			if uint64(len(data)) != t.info.Size {
+				return e.n, fmt.Errorf("%w: tensor %q: generated %d bytes, want %d", ErrInvalid, t.info.Name, len(data), t.info.Size)
+			}
+		}
+		e.raw(data)
 		e.pad(uint64(a))
 	}
 	if e.err == nil {
