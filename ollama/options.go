@@ -71,6 +71,10 @@ type Generation struct {
 	Prefill time.Duration // decoding the prompt
 	Flush   time.Duration // reading back norms and compressing after the prompt
 	Decode  time.Duration // generating Tokens
+	// Before and After are what the sequence held once the prompt was
+	// decoded, before and after the prefill compression (zero with
+	// Config.Upstream).
+	Before, After Usage
 }
 
 func cmpOr(v, def int) int {

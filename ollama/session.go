@@ -301,9 +301,11 @@ func (s *Session) Generate(ctx context.Context, seq int, prompt []int32, n int, 
 	g.Prefill = time.Since(t0)
 	t0 = time.Now()
 	if s.cache != nil {
+		g.Before = s.cache.Usage(seq)
 		if err := s.cache.Flush(); err != nil {
 			return nil, err
 		}
+		g.After = s.cache.Usage(seq)
 	}
 	g.Flush = time.Since(t0)
 	rng := rand.New(rand.NewPCG(o.Seed, 0x6b766e6f726d))

@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+
+	"github.com/kvnorm/kvnorm/llama2c"
+	"github.com/kvnorm/kvnorm/ollama"
+)
+
+func init() {
+	generators["ollama"] = generateOllama
+}
+
+// generateOllama runs `kvnorm generate --runtime ollama`: Ollama's Go engine
+// with kvnorm's cache, per-head (the paper) or per-token.
+func generateOllama(ctx context.Context, o generateOptions) (*generateResult, error) {
+	path, cleanup, err := ollamaModelPath(o)
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+
+	// Ollama's engine logs through slog's default logger: keep its notes
+	// on the log writer, warnings only.
+	prev := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(o.Log, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	defer slog.SetDefault(prev)
+
+	cfg := ollama.Config{Context: o.Ctx, Batch: o.Batch, Threads: o.Threads, FlashAttention: o.FlashAttn,
+		CacheType: o.CacheType, Logger: slog.New(slog.NewTextHandler(o.Log, nil))}
+	if o.Compress {
+		p := o.Policy
+		cfg.Policy = &p
+	}
+	s, err := ollama.Open(path, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	prompt, err := s.Tokenize(o.Prompt, true)
+	if err != nil {
+		return nil, fmt.Errorf("tokenize the prompt: %w", err)
+	}
+	g, err := s.Generate(ctx, 0, prompt, o.N, ollama.GenerateOptions{Temperature: o.Temp, Seed: o.Seed})
+	if err != nil {
+		return nil, err
+	}
+
+	res := &generateResult{
+		Runtime: "ollama", Model: o.Model, Policy: "none", Granularity: o.Policy.Granularity.String(),
+		Keep: 1, PromptTokens: len(prompt), GeneratedTokens: len(g.Tokens), Text: g.Text,
+		PrefillMs: g.Prefill.Seconds() * 1000,
+	}
+	if o.Compress {
+		res.Policy, res.Keep, res.Budget = o.Policy.String(), o.Policy.Keep, o.Policy.Budget
+	}
+	// Cells are reported per head: (layer, head, cell) entries over
+	// layers × KV heads, which for per-token plans is the positions kept.
+	shape := s.Cache().CacheShape()
+	perHead := int64(shape.Layers * shape.KVHeads)
+	res.KVCellsBefore = int((g.Before.Entries + perHead - 1) / perHead)
+	res.KVCellsAfter = int((g.After.Entries + perHead - 1) / perHead)
+	res.KVBytesBefore, res.KVBytesAfter = g.Before.Bytes, g.After.Bytes
+	if comp := s.Cache().Compressor(); comp != nil {
+		t := comp.Totals()
+		res.Compressions = t.Compressions
+		res.CompressMs = (t.PlanTime + t.ApplyTime).Seconds() * 1000
+	}
+	if d := g.Decode.Seconds(); d > 0 && len(g.Tokens) > 1 {
+		// The first token comes from the prompt's logits.
+		res.DecodeTokensPerS = float64(len(g.Tokens)-1) / d
+	}
+	return res, nil
+}
+
+// ollamaModelPath returns the GGUF file to load for --model: a GGUF file, a
+// llama2.c checkpoint converted to a temporary GGUF (with --tokenizer), or an
+// Ollama model name resolved in the local store.
+func ollamaModelPath(o generateOptions) (path string, cleanup func(), err error) {
+	cleanup = func() {}
+	f, err := os.Open(o.Model)
+	if errors.Is(err, fs.ErrNotExist) {
+		p, rerr := ollama.ResolveModel(o.Model)
+		if rerr != nil {
+			return "", cleanup, fmt.Errorf("--model %q: no such file, and %w", o.Model, rerr)
+		}
+		fmt.Fprintf(o.Log, "model %s: %s\n", o.Model, p)
+		return p, cleanup, nil
+	}
+	if err != nil {
+		return "", cleanup, fmt.Errorf("--model: %w", err)
+	}
+	magic := make([]byte, 4)
+	_, err = io.ReadFull(f, magic)
+	f.Close()
+	if err == nil && string(magic) == "GGUF" {
+		return o.Model, cleanup, nil
+	}
+	if o.Tokenizer == "" {
+		return "", cleanup, fmt.Errorf("--model %q is not a GGUF file; a llama2.c checkpoint needs --tokenizer", o.Model)
+	}
+	dir, err := os.MkdirTemp("", "kvnorm-ollama-")
+	if err != nil {
+		return "", cleanup, err
+	}
+	cleanup = func() { os.RemoveAll(dir) }
+	out := filepath.Join(dir, filepath.Base(o.Model)+".gguf")
+	if err := llama2c.ConvertFile(o.Model, o.Tokenizer, out, "f32"); err != nil {
+		cleanup()
+		return "", func() {}, fmt.Errorf("convert llama2.c checkpoint %s: %w", o.Model, err)
+	}
+	return out, cleanup, nil
+}
