@@ -402,3 +402,40 @@ func (s *Session) Greedy(prompt []int32, n int) ([]int32, error) {
 	}
 	return out, nil
 }
+
+// TailKeys returns copies of the positions and post-RoPE keys (HeadDim
+// values each, back to back) of the last n entries of one (layer, KV head).
+// Entries keep their insertion order, so after a Decode of n tokens these
+// are that batch's tokens in batch order: what a runtime reports to the
+// compressor for the batch, without copying the whole cache as [Session.Keys]
+// does.
+func (s *Session) TailKeys(layer, head, n int) ([]int32, []float32, error) {
+	if err := s.checkHead(layer, head); err != nil {
+		return nil, nil, err
+	}
+	hc := &s.cache[layer][head]
+	if n < 0 || n > len(hc.pos) {
+		return nil, nil, fmt.Errorf("%w: %d tail entries of %d live (layer %d, KV head %d)", ErrInput, n, len(hc.pos), layer, head)
+	}
+	hd := s.m.cfg.HeadDim
+	from := len(hc.pos) - n
+	return slices.Clone(hc.pos[from:]), slices.Clone(hc.keys[from*hd:]), nil
+}
+
+// LaneLen returns the number of live entries of one (layer, KV head), or
+// -1 for an out-of-range layer or head.
+func (s *Session) LaneLen(layer, head int) int {
+	if s.checkHead(layer, head) != nil {
+		return -1
+	}
+	return len(s.cache[layer][head].pos)
+}
+
+// LiveCount returns the number of distinct live positions and of live
+// (layer, KV head, position) entries.
+func (s *Session) LiveCount() (positions int, entries int64) {
+	for _, n := range s.live {
+		entries += int64(n)
+	}
+	return len(s.live), entries
+}
