@@ -1,0 +1,235 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+
+	"golang.org/x/term"
+
+	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/conformance/refengine"
+)
+
+// engines maps a --runtime name to the factory that opens it for the
+// conformance suite. A factory returns a hooks.Engine that also implements
+// hooks.PositionEvictor or hooks.HeadCompactor (and, optionally,
+// conformance.AttentionRecorder for the attention task). Each runtime adds
+// one line once its engine exists, e.g.
+//
+//	"llamacpp": llamacpp.ConformanceEngine, // PositionEvictor: per-head rows are n/a
+//	"ollama":   ollama.ConformanceEngine,   // HeadCompactor: per-head and per-token
+//
+// (or registers itself from its own file: engines["ollama"] = ...).
+var engines = map[string]conformance.EngineFactory{
+	"reference": refengine.Factory,
+}
+
+// engineNames lists the registered runtimes, the reference first.
+func engineNames() []string {
+	names := make([]string, 0, len(engines))
+	for n := range engines {
+		names = append(names, n)
+	}
+	sort.Slice(names, func(i, j int) bool {
+		if (names[i] == "reference") != (names[j] == "reference") {
+			return names[i] == "reference"
+		}
+		return names[i] < names[j]
+	})
+	return names
+}
+
+func init() {
+	register(command{name: "conformance", summary: "measure compressed against uncompressed outputs (lm, passkey, needle, greedy, attention)", run: runConformance})
+}
+
+func runConformance(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("conformance", stderr)
+	model := fs.String("model", "", "GGUF file, llama2.c checkpoint, or (ollama) an Ollama model name")
+	tok := fs.String("tokenizer", "", "llama2.c tokenizer (with a llama2.c checkpoint)")
+	rt := fs.String("runtime", "all", "runtimes, comma-separated, or all: "+strings.Join(engineNames(), "|"))
+	policies := fs.String("policies", "knorm,random,streaming,inverse", "eviction policies to sweep")
+	gran := fs.String("granularity", "per-head,per-token", "granularities to sweep (a runtime that cannot apply one reports n/a)")
+	keeps := fs.String("keep", "1,0.9,0.75,0.5,0.3,0.1", "keep ratios to sweep")
+	tasks := fs.String("tasks", strings.Join(conformance.AllTasks, ","), "tasks: "+strings.Join(conformance.AllTasks, ",")+" or all")
+	textFile := fs.String("text", "", "text file for lm, needle, greedy and attention (default: text sampled from the model)")
+	quick := fs.Bool("quick", false, "small sizes: a few samples, one passkey/needle length")
+	out := fs.String("out", "conformance-out", "directory for results.json, report.md and the plots")
+	asJSON := fs.Bool("json", false, "print results.json to stdout instead of the summary")
+	seed := fs.Uint64("seed", 1, "seed of sampling, pass keys, needles and the random policy")
+	ctxLen := fs.Int("ctx", 0, "context size in cells (0: the runtime's default)")
+	threads := fs.Int("threads", 0, "CPU threads for the runtime (0: its default)")
+	skip := fs.String("skip-layers", "0,1", "layers that keep every key (comma list or none)")
+	sinks := fs.Int("sinks", 0, "first positions always kept")
+	window := fs.Int("window", 0, "last positions always kept")
+	aggregate := fs.String("aggregate", "mean-rank", "per-token score from per-head norms: mean-rank|mean-norm|min-norm|max-norm")
+	maxPPL := fs.String("max-ppl-increase", "1%", "largest perplexity increase over the baseline (1% or 0.01)")
+	maxKL := fs.Float64("max-kl", 0, "largest mean KL(baseline‖compressed) in nats/token (0: not checked)")
+	minPass := fs.String("min-passkey", "0.95", "smallest passkey accuracy as a fraction of the baseline's")
+	minNeedle := fs.String("min-needle", "0.95", "smallest needle accuracy as a fraction of the baseline's")
+	minGreedy := fs.String("min-greedy-match", "0.9", "smallest fraction of greedy tokens equal to the baseline's")
+	strict := fs.Bool("strict", false, "exit with an error when a row fails its tolerance")
+	if _, err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if *model == "" {
+		return errors.New("--model is required")
+	}
+	cfg := conformance.Config{Model: *model, Tokenizer: *tok, Context: *ctxLen, Threads: *threads, Quick: *quick, Seed: *seed}
+	var err error
+	if cfg.Runtimes, err = selectRuntimes(*rt); err != nil {
+		return err
+	}
+	if cfg.Methods, err = conformance.ParseMethods(*policies); err != nil {
+		return fmt.Errorf("--policies: %w", err)
+	}
+	if cfg.Granularities, err = conformance.ParseGranularities(*gran); err != nil {
+		return fmt.Errorf("--granularity: %w", err)
+	}
+	if cfg.Keeps, err = conformance.ParseKeeps(*keeps); err != nil {
+		return fmt.Errorf("--keep: %w", err)
+	}
+	if cfg.Tasks, err = conformance.ParseTasks(*tasks); err != nil {
+		return fmt.Errorf("--tasks: %w", err)
+	}
+	cfg.Base = adapter.DefaultPolicy()
+	if cfg.Base.SkipLayers, err = adapter.ParseLayers(*skip); err != nil {
+		return err
+	}
+	if cfg.Base.Aggregate, err = adapter.ParseAggregation(*aggregate); err != nil {
+		return err
+	}
+	cfg.Base.Sinks, cfg.Base.Window = *sinks, *window
+	tol := conformance.DefaultTolerances()
+	for _, f := range []struct {
+		name, val string
+		dst       *float64
+	}{
+		{"--max-ppl-increase", *maxPPL, &tol.MaxPPLIncrease},
+		{"--min-passkey", *minPass, &tol.MinPasskey},
+		{"--min-needle", *minNeedle, &tol.MinNeedle},
+		{"--min-greedy-match", *minGreedy, &tol.MinGreedyMatch},
+	} {
+		if *f.dst, err = conformance.ParseFraction(f.val); err != nil {
+			return fmt.Errorf("%s: %w", f.name, err)
+		}
+	}
+	tol.MaxKL = *maxKL
+	cfg.Tolerances = tol
+	if *textFile != "" {
+		b, err := os.ReadFile(*textFile)
+		if err != nil {
+			return fmt.Errorf("--text: %w", err)
+		}
+		cfg.Text, cfg.TextName = string(b), *textFile
+	}
+	cfg.Progress = stderr
+	if f, ok := stderr.(*os.File); ok {
+		cfg.Terminal = term.IsTerminal(int(f.Fd()))
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	res, runErr := conformance.Run(ctx, cfg)
+	if res == nil {
+		return runErr
+	}
+	files, err := conformance.Write(*out, res)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(res); err != nil {
+			return err
+		}
+	} else {
+		printSummary(stdout, res)
+		fmt.Fprintf(stdout, "\nwrote %s\n", strings.Join(files, ", "))
+	}
+	if runErr != nil {
+		return runErr
+	}
+	failed, opened := 0, 0
+	for _, rr := range res.Runtimes {
+		if rr.Error != "" {
+			fmt.Fprintf(stderr, "kvnorm conformance: runtime %s: %s\n", rr.Runtime, rr.Error)
+			continue
+		}
+		opened++
+		for _, tr := range rr.Tasks {
+			for _, r := range tr.Rows {
+				if r.Verdict == conformance.VerdictFail {
+					failed++
+				}
+			}
+		}
+	}
+	if opened == 0 {
+		return errors.New("no runtime could run")
+	}
+	if *strict && failed > 0 {
+		return fmt.Errorf("%d rows outside the tolerances (see %s/report.md)", failed, *out)
+	}
+	return nil
+}
+
+// selectRuntimes resolves --runtime: a comma-separated list, or all.
+func selectRuntimes(s string) ([]conformance.Runtime, error) {
+	names := engineNames()
+	var want []string
+	if s == "all" {
+		want = names
+	} else {
+		for _, n := range strings.Split(s, ",") {
+			n = strings.TrimSpace(n)
+			if _, ok := engines[n]; !ok {
+				return nil, fmt.Errorf("--runtime %q: not built in (registered: %s)", n, strings.Join(names, ", "))
+			}
+			want = append(want, n)
+		}
+	}
+	var out []conformance.Runtime
+	for _, n := range want {
+		out = append(out, conformance.Runtime{Name: n, Open: engines[n]})
+	}
+	return out, nil
+}
+
+// printSummary prints each runtime's policy × keep tables and attention
+// correlations.
+func printSummary(w io.Writer, res *conformance.Results) {
+	for _, rr := range res.Runtimes {
+		fmt.Fprintf(w, "== %s", rr.Runtime)
+		if rr.Error != "" {
+			fmt.Fprintf(w, ": error: %s\n", rr.Error)
+			continue
+		}
+		fmt.Fprintf(w, " (%.1f s)\n", rr.Seconds)
+		for i := range rr.Tasks {
+			tr := &rr.Tasks[i]
+			fmt.Fprintf(w, "\n-- %s\n", tr.Task)
+			switch {
+			case tr.Status != conformance.StatusOK:
+				fmt.Fprintf(w, "%s: %s\n", tr.Status, tr.Note)
+			case tr.Attention != nil:
+				fmt.Fprintln(w, "layer  spearman(norm, attention received)  low-norm-half share (uniform)")
+				for _, l := range tr.Attention.Layers {
+					fmt.Fprintf(w, "%5d  %+.3f  %.3f (%.3f)\n", l.Layer, float64(l.Spearman), float64(l.ShareLowHalf), float64(l.ShareUniform))
+				}
+			default:
+				conformance.WriteSummary(w, tr)
+			}
+		}
+		fmt.Fprintln(w)
+	}
+}

@@ -1,0 +1,289 @@
+package conformance
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/hooks"
+)
+
+// Task names.
+const (
+	TaskLM        = "lm"
+	TaskPasskey   = "passkey"
+	TaskNeedle    = "needle"
+	TaskGreedy    = "greedy"
+	TaskAttention = "attention"
+)
+
+// AllTasks lists every task in the order the suite runs them.
+var AllTasks = []string{TaskLM, TaskPasskey, TaskNeedle, TaskGreedy, TaskAttention}
+
+// DefaultKeeps are the keep ratios swept by default.
+var DefaultKeeps = []float64{1, 0.9, 0.75, 0.5, 0.3, 0.1}
+
+// Config is one run of the suite.
+type Config struct {
+	// Runtimes are opened one after the other, in order.
+	Runtimes  []Runtime
+	Model     string
+	Tokenizer string
+	// Context and Threads are passed to every runtime (0: its default).
+	Context, Threads int
+
+	Tasks         []string
+	Methods       []adapter.Method
+	Granularities []hooks.Granularity
+	Keeps         []float64
+	// Base supplies every policy field the sweep does not set: skip layers,
+	// sinks, window, aggregation, min prompt. Method, Granularity, Keep and
+	// Seed are set per run; Budget must be 0.
+	Base adapter.Policy
+
+	// Text, when not empty, is the text the lm, needle, greedy and attention
+	// tasks read (TextName names it in the report). Otherwise they read text
+	// sampled from the model under test with fixed seeds.
+	Text, TextName string
+	// Quick selects the small sizes (DefaultSizes) unless Sizes is set.
+	Quick bool
+	// Sizes overrides the sizes of the tasks (nil: DefaultSizes of each
+	// runtime's context).
+	Sizes *Sizes
+	// Seed drives sampling, pass keys, needle choice and the random policy.
+	Seed       uint64
+	Tolerances Tolerances
+
+	// Progress receives the progress bar (Terminal set) or log lines.
+	Progress io.Writer
+	Terminal bool
+}
+
+// Sizes are how much work each task does for one runtime.
+type Sizes struct {
+	// Context is the number of tokens the tasks use at most (the runtime's
+	// context, capped at 2048 by default).
+	Context int `json:"context"`
+	// LM: prefill LMPrefill tokens, compress, score the next LMScore.
+	LMPrefill int `json:"lm_prefill"`
+	LMScore   int `json:"lm_score"`
+	LMSamples int `json:"lm_samples"`
+	// Passkey and needle: prompts of every length × depth × seed.
+	Lengths []int     `json:"lengths"`
+	Depths  []float64 `json:"depths"`
+	Seeds   int       `json:"seeds"`
+	// Greedy: a GreedyPrompt-token prompt, then GreedyTokens generated.
+	GreedyPrompt  int `json:"greedy_prompt"`
+	GreedyTokens  int `json:"greedy_tokens"`
+	GreedySamples int `json:"greedy_samples"`
+	// Attention: prompts of AttentionLength tokens.
+	AttentionLength  int `json:"attention_length"`
+	AttentionSamples int `json:"attention_samples"`
+}
+
+// maxContext caps the context the default sizes use, so a sweep on a large
+// model stays affordable; pass Sizes for more.
+const maxContext = 2048
+
+// DefaultSizes returns the task sizes for a runtime whose context is ctx
+// cells (0: unknown, taken as 2048).
+func DefaultSizes(ctx int, quick bool) Sizes {
+	if ctx <= 0 || ctx > maxContext {
+		ctx = maxContext
+	}
+	L := ctx
+	if quick {
+		return Sizes{
+			Context: L, LMPrefill: L / 4, LMScore: L / 8, LMSamples: 2,
+			Lengths: []int{L / 4}, Depths: []float64{0.2, 0.5, 0.8}, Seeds: 1,
+			GreedyPrompt: L / 8, GreedyTokens: max(8, L/16), GreedySamples: 2,
+			AttentionLength: L / 4, AttentionSamples: 2,
+		}
+	}
+	return Sizes{
+		Context: L, LMPrefill: L / 2, LMScore: L / 4, LMSamples: 4,
+		Lengths: []int{L / 4, L / 2, L * 7 / 8}, Depths: []float64{0, 0.25, 0.5, 0.75, 1}, Seeds: 2,
+		GreedyPrompt: L / 4, GreedyTokens: max(16, L/8), GreedySamples: 4,
+		AttentionLength: L / 2, AttentionSamples: 4,
+	}
+}
+
+func (s Sizes) validate() error {
+	switch {
+	case s.Context <= 0:
+		return fmt.Errorf("conformance: sizes: context=%d must be > 0", s.Context)
+	case s.LMPrefill < 2 || s.LMScore < 1 || s.LMPrefill+s.LMScore > s.Context:
+		return fmt.Errorf("conformance: sizes: lm prefill=%d (>= 2) + score=%d (>= 1) must fit the context %d", s.LMPrefill, s.LMScore, s.Context)
+	case s.GreedyPrompt < 2 || s.GreedyTokens < 1 || s.GreedyPrompt+s.GreedyTokens > s.Context:
+		return fmt.Errorf("conformance: sizes: greedy prompt=%d (>= 2) + tokens=%d (>= 1) must fit the context %d", s.GreedyPrompt, s.GreedyTokens, s.Context)
+	case s.AttentionLength < 2 || s.AttentionLength > s.Context:
+		return fmt.Errorf("conformance: sizes: attention length=%d must be in [2, %d]", s.AttentionLength, s.Context)
+	case s.LMSamples < 1 || s.GreedySamples < 1 || s.AttentionSamples < 1 || s.Seeds < 1:
+		return fmt.Errorf("conformance: sizes: sample and seed counts must be >= 1")
+	}
+	for _, l := range s.Lengths {
+		if l < 16 || l+retrievalMargin > s.Context {
+			return fmt.Errorf("conformance: sizes: retrieval length %d must be in [16, %d]", l, s.Context-retrievalMargin)
+		}
+	}
+	for _, d := range s.Depths {
+		if !(d >= 0 && d <= 1) {
+			return fmt.Errorf("conformance: sizes: depth %v must be in [0, 1]", d)
+		}
+	}
+	return nil
+}
+
+// retrievalMargin is the room left after a passkey or needle prompt for the
+// generated answer.
+const retrievalMargin = 16
+
+// Tolerances are the user's limits a row is judged against.
+type Tolerances struct {
+	// MaxPPLIncrease is the largest relative perplexity increase over the
+	// baseline (0.01 = 1%).
+	MaxPPLIncrease float64 `json:"max_ppl_increase"`
+	// MaxKL is the largest mean KL(baseline ‖ compressed) in nats per token;
+	// 0 does not check it.
+	MaxKL float64 `json:"max_kl"`
+	// MinPasskey and MinNeedle are the smallest accuracy as a fraction of
+	// the baseline's accuracy.
+	MinPasskey float64 `json:"min_passkey"`
+	MinNeedle  float64 `json:"min_needle"`
+	// MinGreedyMatch is the smallest fraction of generated tokens equal to
+	// the baseline's.
+	MinGreedyMatch float64 `json:"min_greedy_match"`
+}
+
+// DefaultTolerances: 1% perplexity, 95% of the baseline's retrieval, 90% of
+// greedy tokens.
+func DefaultTolerances() Tolerances {
+	return Tolerances{MaxPPLIncrease: 0.01, MinPasskey: 0.95, MinNeedle: 0.95, MinGreedyMatch: 0.9}
+}
+
+// Validate reports the first invalid field of the configuration.
+func (c *Config) Validate() error {
+	if len(c.Runtimes) == 0 {
+		return fmt.Errorf("conformance: no runtime to run")
+	}
+	for _, r := range c.Runtimes {
+		if r.Open == nil || r.Name == "" {
+			return fmt.Errorf("conformance: runtime %q has no factory", r.Name)
+		}
+	}
+	if c.Model == "" {
+		return fmt.Errorf("conformance: no model")
+	}
+	if len(c.Tasks) == 0 {
+		return fmt.Errorf("conformance: no task")
+	}
+	for _, t := range c.Tasks {
+		if !slices.Contains(AllTasks, t) {
+			return fmt.Errorf("conformance: task %q: want one of %s", t, strings.Join(AllTasks, ", "))
+		}
+	}
+	if len(c.Methods) == 0 || len(c.Granularities) == 0 || len(c.Keeps) == 0 {
+		return fmt.Errorf("conformance: policies, granularities and keep ratios must not be empty")
+	}
+	for _, k := range c.Keeps {
+		if math.IsNaN(k) || k <= 0 || k > 1 {
+			return fmt.Errorf("conformance: keep %v must be in (0, 1]", k)
+		}
+	}
+	if c.Base.Budget != 0 {
+		return fmt.Errorf("conformance: the base policy must not set a budget (the sweep sets keep ratios)")
+	}
+	p := c.Base
+	p.Keep = 1
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	if c.Sizes != nil {
+		return c.Sizes.validate()
+	}
+	return nil
+}
+
+// ParseKeeps parses a comma-separated list of keep ratios such as
+// "1,0.5,0.1"; percentages ("50%") are accepted.
+func ParseKeeps(s string) ([]float64, error) {
+	var out []float64
+	for _, f := range strings.Split(s, ",") {
+		v, err := ParseFraction(f)
+		if err != nil || v <= 0 || v > 1 {
+			return nil, fmt.Errorf("keep %q: want a ratio in (0, 1]", strings.TrimSpace(f))
+		}
+		if !slices.Contains(out, v) {
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+// ParseFraction parses "0.01" or "1%".
+func ParseFraction(s string) (float64, error) {
+	s = strings.TrimSpace(s)
+	scale := 1.0
+	if strings.HasSuffix(s, "%") {
+		s, scale = strings.TrimSuffix(s, "%"), 0.01
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || math.IsNaN(v) || math.IsInf(v, 0) {
+		return 0, fmt.Errorf("%q is not a number", s)
+	}
+	return v * scale, nil
+}
+
+// ParseMethods parses a comma-separated list of policy names.
+func ParseMethods(s string) ([]adapter.Method, error) {
+	var out []adapter.Method
+	for _, f := range strings.Split(s, ",") {
+		m, err := adapter.ParseMethod(strings.TrimSpace(f))
+		if err != nil {
+			return nil, err
+		}
+		if !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	return out, nil
+}
+
+// ParseGranularities parses a comma-separated list of granularities.
+func ParseGranularities(s string) ([]hooks.Granularity, error) {
+	var out []hooks.Granularity
+	for _, f := range strings.Split(s, ",") {
+		g, err := hooks.ParseGranularity(strings.TrimSpace(f))
+		if err != nil {
+			return nil, err
+		}
+		if !slices.Contains(out, g) {
+			out = append(out, g)
+		}
+	}
+	return out, nil
+}
+
+// ParseTasks parses a comma-separated list of task names ("all": every task).
+func ParseTasks(s string) ([]string, error) {
+	if strings.TrimSpace(s) == "all" {
+		return slices.Clone(AllTasks), nil
+	}
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.Contains(AllTasks, f) {
+			return nil, fmt.Errorf("task %q: want one of %s", f, strings.Join(AllTasks, ", "))
+		}
+		if !slices.Contains(out, f) {
+			out = append(out, f)
+		}
+	}
+	// Run in the canonical order.
+	slices.SortFunc(out, func(a, b string) int { return slices.Index(AllTasks, a) - slices.Index(AllTasks, b) })
+	return out, nil
+}
