@@ -298,6 +298,9 @@ func (c *Context) Capacity() int { return c.capacity }
 // Seqs is the number of sequences the context holds (ids 0..Seqs-1).
 func (c *Context) Seqs() int { return c.seqs }
 
+// FlashAttn is the flash attention setting the context was created with.
+func (c *Context) FlashAttn() FlashAttn { return c.opts.FlashAttn }
+
 // BatchSize is the most tokens one llama_decode call takes.
 func (c *Context) BatchSize() int { return c.nBatch }
 

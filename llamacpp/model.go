@@ -87,7 +87,8 @@ func (m *Model) readInfo(path string) ModelInfo {
 	if in.Heads > 0 {
 		in.HeadDim = in.Embd / in.Heads
 	}
-	if arch := m.meta("general.architecture"); arch != "" {
+	in.Arch = m.meta("general.architecture")
+	if arch := in.Arch; arch != "" {
 		if v, err := strconv.Atoi(m.meta(arch + ".attention.key_length")); err == nil && v > 0 {
 			in.HeadDim = v
 		}

@@ -41,6 +41,7 @@ func (c *Context) Model() *Model                                 { return nil }
 func (c *Context) Raw() unsafe.Pointer                           { return nil }
 func (c *Context) Capacity() int                                 { return 0 }
 func (c *Context) Seqs() int                                     { return 0 }
+func (c *Context) FlashAttn() FlashAttn                          { return FlashAttnOn }
 func (c *Context) BatchSize() int                                { return 0 }
 func (c *Context) CellBytes() int64                              { return 0 }
 func (c *Context) CacheShape() hooks.CacheShape                  { return hooks.CacheShape{} }

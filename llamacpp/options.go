@@ -124,6 +124,7 @@ type ContextOptions struct {
 // ModelInfo describes a loaded model.
 type ModelInfo struct {
 	Path      string
+	Arch      string // general.architecture, e.g. "llama"
 	Desc      string // llama_model_desc, e.g. "llama ?B all F32"
 	Layers    int    // layers with a KV cache
 	Heads     int    // query heads
