@@ -8,7 +8,7 @@ OLLAMA_MOD := github.com/ollama/ollama
 # module cache; llamacpp/.ollama links to it (nothing of Ollama is committed).
 OLLAMA_LINK := llamacpp/.ollama
 
-.PHONY: all build headers test test-short test-kernels vet fmt-check demo bench clean
+.PHONY: all build headers test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
 
 all: build
 
@@ -23,9 +23,26 @@ build: headers
 	$(GO) build -o $(BIN)/kvnorm ./cmd/kvnorm
 
 # The README's test command: everything CI checks.
-test: headers vet fmt-check test-kernels
+test: headers vet fmt-check test-kernels ollama-or-skip
 	$(GO) test -count=1 ./...
 	$(GO) test -count=1 -race ./adapter/... ./hooks/...
+
+# kvnorm's Ollama: Ollama v0.24.0 copied to $(OLLAMA_FORK)/src with kvnorm's
+# two hook calls inserted (see ollama/fork), built into $(BIN)/ollama.
+OLLAMA_FORK ?= build/ollama-fork
+
+ollama:
+	$(GO) build -o $(BIN)/ollama-fork ./ollama/fork
+	./$(BIN)/ollama-fork -out $(OLLAMA_FORK) -bin $(BIN)/ollama
+
+# For `make test`: a missing prerequisite (exit status 2, reason in
+# $(OLLAMA_FORK)/unavailable.txt) lets the fork's integration test skip;
+# any other build failure fails.
+ollama-or-skip:
+	$(GO) build -o $(BIN)/ollama-fork ./ollama/fork
+	@./$(BIN)/ollama-fork -out $(OLLAMA_FORK) -bin $(BIN)/ollama; rc=$$?; \
+	if [ $$rc -eq 2 ]; then echo "bin/ollama cannot be built here: its integration test will skip"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 test-kernels:
 	$(GO) test -count=1 -tags noasm ./kernels/...

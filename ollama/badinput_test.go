@@ -139,11 +139,12 @@ func TestOpenBadInput(t *testing.T) {
 
 // Plans that do not match the cache are refused before anything moves.
 func TestCompactHeadsRefusesBadPlans(t *testing.T) {
-	s := open(t, Config{Policy: perHead(0.5)})
+	s := open(t, Config{Policy: perHead(1)})
 	ids, err := s.Tokenize(storyPrompt, true)
 	require.NoError(t, err)
 	_, err = s.Decode(0, ids[:10])
 	require.NoError(t, err)
+	require.NoError(t, s.Flush(), "every norm is read: no position is kept for lack of one")
 	c := s.Cache()
 	before := c.Usage(0)
 	keep := func(heads ...[]int32) [][][]int32 {

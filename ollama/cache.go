@@ -39,6 +39,13 @@ type Options struct {
 	// Strict returns compression errors from StartForward and Flush. When
 	// false (the runner), they are logged and the sequence keeps its cells.
 	Strict bool
+	// Pipelined is the runner's mode: the runner builds a batch while the
+	// previous one computes, so the cache reads a batch's key norms two
+	// batches later (without waiting) and applies compressions inside the
+	// graph of the batch being built. Compression after a prompt then
+	// happens after the first generated token. Off: every batch is computed
+	// before the next is built (Session), and norms are read at once.
+	Pipelined bool
 	// Logger receives one line per compression (and compression errors).
 	Logger *slog.Logger
 	// Arch names the model architecture in messages.
@@ -77,11 +84,14 @@ type Cache struct {
 	total    int // cells per layer tensor: slots × slab cells
 	lay      *layout
 
-	ctxs                map[int]ml.Context
-	keys, values, norms map[int]ml.Tensor
+	ctxs         map[int]ml.Context
+	keys, values map[int]ml.Tensor
+	norms        map[int][]ml.Tensor // two buffers per layer, by batch parity
 
 	cur     forward
-	pending pendingNorms
+	pend    []*pendingBatch // batches whose norms have not been read, oldest first
+	batches uint64
+	graph   ml.Context // the graph being built, inside StartForward
 	copies  []copyOp
 
 	statsMu sync.Mutex
@@ -98,6 +108,8 @@ var (
 type forward struct {
 	layer      int
 	n          int
+	reserve    bool
+	buf        int // norm buffer of this batch
 	seqs       []int
 	positions  []int32
 	groups     []group
@@ -113,12 +125,13 @@ type group struct {
 	mask       ml.Tensor
 }
 
-// pendingNorms are the norms a built batch will write to the norm buffers:
-// row i of each layer's buffer belongs to entries with row == i.
-type pendingNorms struct {
+// pendingBatch is a built batch whose key norms have not been read: row i
+// of its norm buffer in each layer belongs to the entries with row == i.
+type pendingBatch struct {
+	id      uint64
+	buf     int
 	entries []pendingEntry
 	layers  []bool
-	rows    int
 }
 
 type pendingEntry struct {
@@ -157,7 +170,7 @@ func NewCache(o Options) (*Cache, error) {
 		ctxs:   map[int]ml.Context{},
 		keys:   map[int]ml.Tensor{},
 		values: map[int]ml.Tensor{},
-		norms:  map[int]ml.Tensor{},
+		norms:  map[int][]ml.Tensor{},
 	}, nil
 }
 
@@ -219,7 +232,6 @@ func (c *Cache) Init(backend ml.Backend, dtype ml.DType, maxSequences, capacity,
 	c.total = maxSequences * slab
 	c.lay = newLayout(c.opts.Layers, c.opts.KVHeads, maxSequences, slab, capacity)
 	c.shape.Capacity = capacity
-	c.pending.layers = make([]bool, c.opts.Layers)
 	if c.opts.Policy == nil {
 		return
 	}
@@ -278,14 +290,21 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	if len(batch.Sequences) != n {
 		return fmt.Errorf("ollama: batch has %d positions and %d sequences", n, len(batch.Sequences))
 	}
-	c.cur = forward{n: n, seqs: batch.Sequences, positions: batch.Positions}
+	c.cur = forward{n: n, reserve: reserve, seqs: batch.Sequences, positions: batch.Positions}
 	if reserve {
 		return c.reserve(ctx, n)
 	}
 	if n > c.maxBatch {
 		return fmt.Errorf("ollama: batch of %d tokens exceeds the cache's maximum batch of %d", n, c.maxBatch)
 	}
-	if err := c.sync(); err != nil {
+	// Copies and compactions decided now run first in this batch's graph.
+	c.graph = ctx
+	defer func() { c.graph = nil }()
+	if err := c.settle(!c.opts.Pipelined); err != nil {
+		return err
+	}
+	c.runCopies()
+	if err := c.prefillReady(); err != nil {
 		return err
 	}
 
@@ -300,13 +319,6 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 	}
 	outputs := c.outputSeqs(batch)
 
-	for _, seq := range order {
-		if s := c.lay.seqs[seq]; s != nil && s.prefill {
-			if err := c.prefillDone(seq, s); err != nil {
-				return err
-			}
-		}
-	}
 	cells := make([]*seqCells, len(order))
 	for i, seq := range order {
 		s, err := c.lay.seq(seq, true)
@@ -336,13 +348,16 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 			return fmt.Errorf("ollama: seq %d: %w", seq, err)
 		}
 	}
+	c.batches++
+	c.cur.buf = int(c.batches % 2)
 	if c.comp != nil {
-		c.pending = pendingNorms{layers: make([]bool, c.opts.Layers), rows: n}
+		pb := &pendingBatch{id: c.batches, buf: c.cur.buf, layers: make([]bool, c.opts.Layers)}
 		for j, seq := range batch.Sequences {
 			if !c.lay.seqs[seq].unmanaged {
-				c.pending.entries = append(c.pending.entries, pendingEntry{seq: seq, pos: batch.Positions[j], row: j})
+				pb.entries = append(pb.entries, pendingEntry{seq: seq, pos: batch.Positions[j], row: j})
 			}
 		}
+		c.pend = append(c.pend, pb)
 	}
 	// A run of two or more tokens ending in an output is a prompt: it is
 	// compressed before the sequence's next batch.
@@ -351,7 +366,7 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 		s.run += count[seq]
 		if outputs == nil || outputs[seq] {
 			if s.run >= 2 {
-				s.prefill = true
+				s.prefill, s.prefillBatch = true, c.batches
 			}
 			s.run = 0
 		}
@@ -463,7 +478,7 @@ func (c *Cache) alloc(layer, kDim, vDim, kvHeads int) {
 		panic(fmt.Errorf("ollama: %s: layer %d: keys are [%d dims, %d kv heads], the cache was built for [%d, %d]",
 			c.opts.Arch, layer, kDim, kvHeads, c.opts.HeadDim, c.opts.KVHeads))
 	}
-	ctx := c.backend.NewContextSize(3).Layer(layer)
+	ctx := c.backend.NewContextSize(4).Layer(layer)
 	c.ctxs[layer] = ctx
 	c.keys[layer] = ctx.Zeros(c.dtype, kDim, c.total, kvHeads)
 	if c.config.PermutedV {
@@ -472,7 +487,10 @@ func (c *Cache) alloc(layer, kDim, vDim, kvHeads int) {
 		c.values[layer] = ctx.Zeros(c.dtype, vDim, c.total, kvHeads)
 	}
 	if c.comp != nil {
-		c.norms[layer] = ctx.Zeros(ml.DTypeF32, kvHeads*max(c.maxBatch, 1))
+		c.norms[layer] = []ml.Tensor{
+			ctx.Zeros(ml.DTypeF32, kvHeads*max(c.maxBatch, 1)),
+			ctx.Zeros(ml.DTypeF32, kvHeads*max(c.maxBatch, 1)),
+		}
 	}
 }
 
@@ -505,9 +523,9 @@ func (c *Cache) Put(ctx ml.Context, key, value ml.Tensor) {
 			k = k.Cast(ctx, ml.DTypeF32)
 		}
 		norms := k.Sqr(ctx).SumRows(ctx).Sqrt(ctx).Reshape(ctx, kvHeads*n)
-		ctx.Forward(norms.Copy(ctx, c.norms[layer].View(ctx, 0, kvHeads*n)))
-		if layer < len(c.pending.layers) {
-			c.pending.layers[layer] = true
+		ctx.Forward(norms.Copy(ctx, c.norms[layer][c.cur.buf].View(ctx, 0, kvHeads*n)))
+		if last := len(c.pend) - 1; !c.cur.reserve && last >= 0 && c.pend[last].id == c.batches {
+			c.pend[last].layers[layer] = true
 		}
 	}
 }
@@ -544,17 +562,11 @@ func (c *Cache) Flush() error {
 	if c.lay == nil {
 		return nil
 	}
-	if err := c.sync(); err != nil {
+	if err := c.settle(true); err != nil {
 		return err
 	}
-	for seq, s := range c.lay.seqs {
-		if s.prefill {
-			if err := c.prefillDone(seq, s); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
+	c.runCopies()
+	return c.prefillReady()
 }
 
 // Compress compresses seq to target positions per head (target < 0: the
@@ -563,7 +575,7 @@ func (c *Cache) Compress(seq, target int) (hooks.Stats, error) {
 	if c.comp == nil {
 		return hooks.Stats{}, c.compressionOff()
 	}
-	if err := c.sync(); err != nil {
+	if err := c.settle(true); err != nil {
 		return hooks.Stats{}, err
 	}
 	return c.comp.Compress(hooks.SeqID(seq), target)
@@ -576,50 +588,63 @@ func (c *Cache) compressionOff() error {
 	return errors.New("ollama: the cache was built without a policy")
 }
 
-// sync waits for the batches already built, reports their key norms and runs
-// deferred copies.
-func (c *Cache) sync() error {
-	if err := c.drainNorms(); err != nil {
-		return err
+// settle reads the key norms of the built batches that have been computed
+// and reports them to the compressor. With wait set it first waits for every
+// batch submitted to the backend (a small computation orders after them);
+// otherwise (pipelined) it leaves the newest batch, which may be computing.
+func (c *Cache) settle(wait bool) error {
+	keep := 1
+	if wait {
+		keep = 0
 	}
-	return c.runCopies()
-}
-
-func (c *Cache) drainNorms() error {
-	p := c.pending
-	c.pending = pendingNorms{layers: make([]bool, c.opts.Layers)}
-	if c.comp == nil || len(p.entries) == 0 {
+	if len(c.pend) <= keep {
 		return nil
 	}
-	var layers []int
-	for l, ok := range p.layers {
-		if ok && c.norms[l] != nil {
-			layers = append(layers, l)
+	ready := c.pend[:len(c.pend)-keep]
+	c.pend = slices.Clone(c.pend[len(c.pend)-keep:])
+	if wait {
+		c.barrier()
+	}
+	for _, pb := range ready {
+		if err := c.observe(pb); err != nil {
+			return err
 		}
 	}
-	if len(layers) == 0 {
+	return nil
+}
+
+// barrier waits for the graphs already submitted to the backend: computing
+// on the backend orders after them, and reading the result waits for it.
+func (c *Cache) barrier() {
+	for _, bufs := range c.norms {
+		ctx := c.backend.NewContext()
+		t := bufs[0].View(ctx, 0, 1).Contiguous(ctx)
+		ctx.Forward(t).Compute(t)
+		t.Floats()
+		ctx.Close()
+		return
+	}
+}
+
+// observe reports the norms of one computed batch.
+func (c *Cache) observe(pb *pendingBatch) error {
+	if c.comp == nil || len(pb.entries) == 0 {
 		return nil
 	}
 	h := c.opts.KVHeads
-	// Computing on the backend orders this after the batches submitted
-	// before it; Floats then waits for the result.
-	ctx := c.backend.NewContext()
-	defer ctx.Close()
-	outs := make([]ml.Tensor, len(layers))
-	for i, l := range layers {
-		outs[i] = c.norms[l].View(ctx, 0, h*p.rows).Contiguous(ctx)
-	}
-	ctx.Forward(outs...).Compute(outs...)
-
-	seqs := make([]hooks.SeqID, len(p.entries))
-	pos := make([]hooks.Pos, len(p.entries))
-	for i, e := range p.entries {
+	seqs := make([]hooks.SeqID, len(pb.entries))
+	pos := make([]hooks.Pos, len(pb.entries))
+	for i, e := range pb.entries {
 		seqs[i], pos[i] = hooks.SeqID(e.seq), e.pos
 	}
-	norms := make([]float32, len(p.entries)*h)
-	for i, l := range layers {
-		all := outs[i].Floats()
-		for j, e := range p.entries {
+	norms := make([]float32, len(pb.entries)*h)
+	for l, ok := range pb.layers {
+		if !ok || c.norms[l] == nil {
+			continue
+		}
+		// The buffer is the cache's own tensor: reading it computes nothing.
+		all := c.norms[l][pb.buf].BackendGet()
+		for j, e := range pb.entries {
 			copy(norms[j*h:(j+1)*h], all[e.row*h:(e.row+1)*h])
 		}
 		if err := c.comp.ObserveKeys(&hooks.KeyBatch{Layer: l, Seqs: seqs, Positions: pos, Norms: norms}); err != nil {
@@ -631,14 +656,60 @@ func (c *Cache) drainNorms() error {
 	return nil
 }
 
-func (c *Cache) runCopies() error {
+// prefillReady compresses the sequences whose prompt has been decoded and
+// whose prompt norms have been read.
+func (c *Cache) prefillReady() error {
+	for seq, s := range c.lay.seqs {
+		if !s.prefill || c.pendingUpTo(seq, s.prefillBatch) {
+			continue
+		}
+		if err := c.prefillDone(seq, s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pendingUpTo reports whether a batch up to id holds unread norms of seq.
+func (c *Cache) pendingUpTo(seq int, id uint64) bool {
+	for _, pb := range c.pend {
+		if pb.id > id {
+			break
+		}
+		for _, e := range pb.entries {
+			if e.seq == seq {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// unread returns the positions of seq whose norms have not been read: the
+// cache holds them after every kept cell, in every head.
+func (c *Cache) unread(seq int) []int32 {
+	var out []int32
+	for _, pb := range c.pend {
+		for _, e := range pb.entries {
+			if e.seq == seq {
+				out = append(out, e.pos)
+			}
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// runCopies performs the deferred prefix copies, in the graph being built or
+// at once.
+func (c *Cache) runCopies() {
 	if len(c.copies) == 0 {
-		return nil
+		return
 	}
 	ops := c.copies
 	c.copies = nil
-	ctx := c.backend.NewContext()
-	defer ctx.Close()
+	ctx, done := c.opContext()
+	defer done()
 	work := false
 	for _, op := range ops {
 		for li, n := range op.cells {
@@ -661,10 +732,19 @@ func (c *Cache) runCopies() error {
 			ctx.Forward(src.Copy(ctx, dst))
 		}
 	}
-	if work {
+	if work && ctx != c.graph {
 		ctx.Compute()
 	}
-	return nil
+}
+
+// opContext returns the context cache operations go to: the batch graph
+// inside StartForward, else a new context that done closes.
+func (c *Cache) opContext() (ctx ml.Context, done func()) {
+	if c.graph != nil {
+		return c.graph, func() {}
+	}
+	ctx = c.backend.NewContext()
+	return ctx, ctx.Close
 }
 
 // fail returns err in strict mode and logs it otherwise.
@@ -724,19 +804,31 @@ func (c *Cache) CompactHeads(plan *hooks.HeadPlan) error {
 	if len(plan.Layers) != c.opts.Layers {
 		return fmt.Errorf("%w: plan has %d layers, the cache %d", ErrPlan, len(plan.Layers), c.opts.Layers)
 	}
+	// Positions whose norms are still unread are newer than every planned
+	// one and held by every head: they stay.
+	tail := c.unread(int(plan.Seq))
+	keeps := make([][][]int32, len(plan.Layers))
 	srcs := make([][][]int32, len(plan.Layers))
 	for li, keep := range plan.Layers {
 		if keep == nil {
 			continue
 		}
+		if len(tail) > 0 {
+			withTail := make([][]int32, len(keep))
+			for h := range keep {
+				withTail[h] = mergeSorted(keep[h], tail)
+			}
+			keep = withTail
+		}
+		keeps[li] = keep
 		src, err := c.lay.compactPlan(s, li, keep)
 		if err != nil {
 			return fmt.Errorf("%w: seq %d: %w", ErrPlan, plan.Seq, err)
 		}
 		srcs[li] = src
 	}
-	ctx := c.backend.NewContext()
-	defer ctx.Close()
+	ctx, done := c.opContext()
+	defer done()
 	moved := false
 	for li, src := range srcs {
 		if src != nil && len(src[0]) > 0 && !identity(src) && c.keys[li] != nil {
@@ -744,15 +836,35 @@ func (c *Cache) CompactHeads(plan *hooks.HeadPlan) error {
 			moved = true
 		}
 	}
-	if moved {
+	if moved && ctx != c.graph {
 		ctx.Compute()
 	}
-	for li, keep := range plan.Layers {
+	for li, keep := range keeps {
 		if keep != nil {
 			c.lay.applyCompact(s, li, keep)
 		}
 	}
 	return nil
+}
+
+// mergeSorted returns the union of two ascending lists, ascending.
+func mergeSorted(a, b []int32) []int32 {
+	out := make([]int32, 0, len(a)+len(b))
+	i, j := 0, 0
+	for i < len(a) || j < len(b) {
+		switch {
+		case j == len(b) || (i < len(a) && a[i] < b[j]):
+			out = append(out, a[i])
+			i++
+		case i == len(a) || b[j] < a[i]:
+			out = append(out, b[j])
+			j++
+		default:
+			out = append(out, a[i])
+			i, j = i+1, j+1
+		}
+	}
+	return out
 }
 
 // gather moves, in layer li of a slab, cell src[h][j] of head h to cell j.
@@ -824,9 +936,6 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 	if c.opts.Shift == nil {
 		return kvcache.ErrNotSupported
 	}
-	if err := c.sync(); err != nil {
-		return err
-	}
 	keep, shifted, err := c.lay.removeMiddle(s, begin, end)
 	if err != nil {
 		return fmt.Errorf("%w: seq %d: %w", kvcache.ErrNotSupported, seq, err)
@@ -887,32 +996,27 @@ func (c *Cache) shiftKeys(s *seqCells, shifted []int, offset int32) error {
 	return nil
 }
 
-// editPending drops pending norms of seq at positions [begin, end) and
+// editPending drops unread norms of seq at positions [begin, end) and
 // renumbers those after end, as Remove does to the cells.
 func (c *Cache) editPending(seq int, begin, end int32) {
-	out := c.pending.entries[:0]
-	for _, e := range c.pending.entries {
-		if e.seq == seq {
-			if e.pos >= begin && e.pos < end {
-				continue
+	for _, pb := range c.pend {
+		out := pb.entries[:0]
+		for _, e := range pb.entries {
+			if e.seq == seq {
+				if e.pos >= begin && e.pos < end {
+					continue
+				}
+				if e.pos >= end && end != math.MaxInt32 {
+					e.pos += begin - end
+				}
 			}
-			if e.pos >= end && end != math.MaxInt32 {
-				e.pos += begin - end
-			}
+			out = append(out, e)
 		}
-		out = append(out, e)
+		pb.entries = out
 	}
-	c.pending.entries = out
 }
 
-func (c *Cache) hasPending(seq int) bool {
-	for _, e := range c.pending.entries {
-		if e.seq == seq {
-			return true
-		}
-	}
-	return false
-}
+func (c *Cache) hasPending(seq int) bool { return c.pendingUpTo(seq, math.MaxUint64) }
 
 func (c *Cache) clearSeq(seq int) {
 	s := c.lay.seqs[seq]
@@ -1006,9 +1110,11 @@ func (c *Cache) CopyPrefix(srcSeq, dstSeq int, length int32) {
 			return
 		}
 	}
-	for _, e := range c.pending.entries {
-		if e.seq == srcSeq && e.pos < length {
-			c.pending.entries = append(c.pending.entries, pendingEntry{seq: dstSeq, pos: e.pos, row: e.row})
+	for _, pb := range c.pend {
+		for _, e := range pb.entries {
+			if e.seq == srcSeq && e.pos < length {
+				pb.entries = append(pb.entries, pendingEntry{seq: dstSeq, pos: e.pos, row: e.row})
+			}
 		}
 	}
 }

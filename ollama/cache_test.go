@@ -300,9 +300,13 @@ func TestPerToken(t *testing.T) {
 // A prompt longer than the cache is fed in chunks: the cache compresses
 // under pressure before every chunk that would not fit.
 func TestPressureLongPrompt(t *testing.T) {
-	for _, pol := range []*adapter.Policy{perHead(0.5), perToken(0.5)} {
-		t.Run(pol.Granularity.String(), func(t *testing.T) {
-			s := open(t, Config{Policy: pol, Context: 64, Batch: 16})
+	for _, tc := range []struct {
+		pol       *adapter.Policy
+		pipelined bool
+	}{{perHead(0.5), false}, {perToken(0.5), false}, {perHead(0.5), true}} {
+		pol := tc.pol
+		t.Run(fmt.Sprintf("%s/pipelined=%v", pol.Granularity, tc.pipelined), func(t *testing.T) {
+			s := open(t, Config{Policy: pol, Context: 64, Batch: 16, Pipelined: tc.pipelined})
 			var ids []int32
 			for len(ids) < 200 {
 				chunk, err := s.Tokenize(storyPrompt, len(ids) == 0)
@@ -335,4 +339,64 @@ func TestPressureLongPrompt(t *testing.T) {
 	}
 	_, err := s.Decode(0, ids)
 	assert.ErrorContains(t, err, "could not find a kv cache slot")
+}
+
+// In the runner's pipelined mode the prompt is compressed inside the graph
+// of the second generated token, keeping the first one (whose norms are not
+// read yet); the logits match the reference model with the same eviction.
+func TestPipelinedMatchesReference(t *testing.T) {
+	ref, err := reference.LoadGGUF(storiesGGUF(t))
+	require.NoError(t, err)
+	both(t, func(t *testing.T, fa bool) {
+		s := open(t, Config{Policy: perHead(0.5), Pipelined: true, FlashAttention: fa, CacheType: "f32", Batch: 16})
+		ids, err := s.Tokenize(storyPrompt, true)
+		require.NoError(t, err)
+		n := len(ids)
+		rs := ref.NewSession()
+		_, err = rs.Decode(ids, nil)
+		require.NoError(t, err)
+		_, err = s.Decode(0, ids)
+		require.NoError(t, err)
+		// The first generated token sees the whole prompt.
+		l1, err := s.Decode(0, []int32{400})
+		require.NoError(t, err)
+		r1, err := rs.Decode([]int32{400}, nil)
+		require.NoError(t, err)
+		assert.LessOrEqual(t, maxDiff(r1[0], l1), 1e-3)
+		assert.Empty(t, s.Cache().Stats(), "not compressed yet")
+
+		// The second is decoded after the compaction, in the same graph.
+		l2, err := s.Decode(0, []int32{401})
+		require.NoError(t, err)
+		st := s.Cache().Stats()
+		require.Len(t, st, 1)
+		assert.Equal(t, "prefill", st[0].Trigger)
+		half := (n + 1) / 2
+		assert.Equal(t, []int{n + 2, n + 2, half + 2, half + 2, half + 2}, s.Cache().Usage(0).Cells)
+		for l := 2; l < 5; l++ {
+			for h := range 4 {
+				kept := s.Cache().HeadPositions(0, l, h)
+				assert.Equal(t, []int32{int32(n), int32(n + 1)}, kept[half:], "the unread token is kept")
+				var evict []int32
+				for p := range int32(n) {
+					if !slices.Contains(kept, p) {
+						evict = append(evict, p)
+					}
+				}
+				_, err := rs.EvictHead(l, h, evict)
+				require.NoError(t, err)
+			}
+		}
+		r2, err := rs.Decode([]int32{401}, nil)
+		require.NoError(t, err)
+		assert.LessOrEqual(t, maxDiff(r2[0], l2), 1e-3)
+		for step := range 6 {
+			next := int32(402 + step)
+			rl, err := rs.Decode([]int32{next}, nil)
+			require.NoError(t, err)
+			l, err := s.Decode(0, []int32{next})
+			require.NoError(t, err)
+			assert.LessOrEqual(t, maxDiff(rl[0], l), 1e-3, "step %d", step)
+		}
+	})
 }

@@ -89,8 +89,10 @@ type seqCells struct {
 	// run counts the tokens decoded since the sequence's last output; a run
 	// of two or more that ends in an output is a prompt (prefill).
 	run int
-	// prefill is set once a prompt has been decoded and not yet compressed.
-	prefill bool
+	// prefill is set once a prompt has been decoded and not yet compressed;
+	// prefillBatch is the batch that ended it.
+	prefill      bool
+	prefillBatch uint64
 	// unmanaged sequences hold cells the compressor has no record of (a
 	// prefix copied from a sequence compacted per head): they are never
 	// compressed.

@@ -35,6 +35,7 @@ type Session struct {
 	batch       int
 	capacity    int
 	next        map[int]int32
+	pipelined   bool
 	closed      bool
 }
 
@@ -67,13 +68,13 @@ func Open(path string, cfg Config) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ollama: load %s: %w", path, err)
 	}
-	s := &Session{m: m, batch: cfg.Batch, capacity: cfg.Context, next: map[int]int32{}}
+	s := &Session{m: m, batch: cfg.Batch, capacity: cfg.Context, next: map[int]int32{}, pipelined: cfg.Pipelined}
 	fail := func(err error) (*Session, error) {
 		m.Backend().Close()
 		return nil, err
 	}
 	if !cfg.Upstream {
-		c, err := InstallWith(m, Options{Policy: cfg.Policy, Strict: true, Logger: log})
+		c, err := InstallWith(m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined})
 		if err != nil {
 			return fail(err)
 		}
@@ -146,6 +147,10 @@ func (s *Session) Tokenize(text string, bos bool) ([]int32, error) {
 	}
 	return s.tok.Encode(text, bos)
 }
+
+// Encode tokenizes text exactly as Ollama's runner does: no leading space
+// is added.
+func (s *Session) Encode(text string, bos bool) ([]int32, error) { return s.tok.Encode(text, bos) }
 
 // Detokenize decodes ids to text.
 func (s *Session) Detokenize(ids []int32) (string, error) {
@@ -302,8 +307,10 @@ func (s *Session) Generate(ctx context.Context, seq int, prompt []int32, n int, 
 	t0 = time.Now()
 	if s.cache != nil {
 		g.Before = s.cache.Usage(seq)
-		if err := s.cache.Flush(); err != nil {
-			return nil, err
+		if !s.pipelined {
+			if err := s.cache.Flush(); err != nil {
+				return nil, err
+			}
 		}
 		g.After = s.cache.Usage(seq)
 	}

@@ -164,7 +164,7 @@ func Install(m model.Model) error {
 	if err != nil || p == nil {
 		return err
 	}
-	c, err := ollama.InstallWith(m, ollama.Options{Policy: p, Logger: slog.Default()})
+	c, err := ollama.InstallWith(m, ollama.Options{Policy: p, Logger: slog.Default(), Pipelined: true})
 	if errors.Is(err, ollama.ErrUnsupportedModel) {
 		slog.Warn("kvnorm: KV cache compression is off for this model", "error", err)
 		return nil
