@@ -3,8 +3,6 @@ package refengine_test
 import (
 	"errors"
 	"math"
-	"os"
-	"path/filepath"
 	"slices"
 	"sort"
 	"testing"
@@ -14,6 +12,7 @@ import (
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/conformance/internal/testmodel"
 	"github.com/kvnorm/kvnorm/conformance/refengine"
 	"github.com/kvnorm/kvnorm/hooks"
 )
@@ -22,35 +21,9 @@ const story = "Once upon a time, there was a little girl named Lily. She loved t
 	"One day, she saw a big red ball under a tree. She ran to the ball and kicked it very high. " +
 	"Her friend Tom came to play with her. They played all day and had lots of fun."
 
-// modelPaths returns stories260K and its tokenizer from ../shared/models
-// beside the repository root, or skips.
-func modelPaths(t testing.TB) (model, tok string) {
-	t.Helper()
-	dir, err := os.Getwd()
-	require.NoError(t, err)
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			break
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Skip("go.mod not found above the package directory")
-		}
-		dir = parent
-	}
-	models := filepath.Join(dir, "..", "shared", "models")
-	model, tok = filepath.Join(models, "stories260K.bin"), filepath.Join(models, "tok512.bin")
-	for _, p := range []string{model, tok} {
-		if _, err := os.Stat(p); err != nil {
-			t.Skipf("stories260K not available (want ../shared/models beside the repository root): %v", err)
-		}
-	}
-	return model, tok
-}
-
 func open(t *testing.T, o refengine.Options) *refengine.Engine {
 	t.Helper()
-	model, tok := modelPaths(t)
+	model, tok := testmodel.Paths(t)
 	e, err := refengine.Open(model, tok, o)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = e.Close() })

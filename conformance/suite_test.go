@@ -1,0 +1,256 @@
+package conformance_test
+
+import (
+	"context"
+	"encoding/json"
+	"image/png"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/conformance/internal/testmodel"
+	"github.com/kvnorm/kvnorm/conformance/refengine"
+	"github.com/kvnorm/kvnorm/hooks"
+)
+
+func config(t *testing.T) conformance.Config {
+	model, tok := testmodel.Paths(t)
+	return conformance.Config{
+		Runtimes:      []conformance.Runtime{{Name: "reference", Open: refengine.Factory}},
+		Model:         model,
+		Tokenizer:     tok,
+		Tasks:         conformance.AllTasks,
+		Methods:       []adapter.Method{adapter.KNorm, adapter.Random, adapter.Streaming, adapter.Inverse},
+		Granularities: []hooks.Granularity{hooks.PerHead, hooks.PerToken},
+		Keeps:         []float64{1, 0.5},
+		Base:          adapter.DefaultPolicy(),
+		Quick:         true,
+		Seed:          1,
+		Tolerances:    conformance.DefaultTolerances(),
+	}
+}
+
+var (
+	quickOnce sync.Once
+	quickRes  *conformance.Results
+	quickDir  string
+	quickErr  error
+)
+
+// quickRun is one --quick run of every task on the reference runtime,
+// written to a directory; the tests below read it.
+func quickRun(t *testing.T) (*conformance.Results, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("a full quick run takes about 20 s")
+	}
+	cfg := config(t)
+	quickOnce.Do(func() {
+		quickDir, quickErr = os.MkdirTemp("", "kvnorm-conformance-*")
+		if quickErr != nil {
+			return
+		}
+		if quickRes, quickErr = conformance.Run(context.Background(), cfg); quickErr != nil {
+			return
+		}
+		_, quickErr = conformance.Write(quickDir, quickRes)
+	})
+	require.NoError(t, quickErr)
+	return quickRes, quickDir
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if quickDir != "" {
+		os.RemoveAll(quickDir)
+	}
+	os.Exit(code)
+}
+
+func TestQuickRunWritesOutputs(t *testing.T) {
+	res, dir := quickRun(t)
+	require.Len(t, res.Runtimes, 1)
+	rr := res.Runtimes[0]
+	require.Empty(t, rr.Error)
+	require.Len(t, rr.Tasks, len(conformance.AllTasks))
+	for _, tr := range rr.Tasks {
+		assert.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", tr.Task, tr.Note)
+		if tr.Task != conformance.TaskAttention {
+			assert.Len(t, tr.Rows, 1+4*2*2, tr.Task)
+		}
+	}
+
+	b, err := os.ReadFile(filepath.Join(dir, "results.json"))
+	require.NoError(t, err)
+	var back conformance.Results
+	require.NoError(t, json.Unmarshal(b, &back))
+	assert.Equal(t, res.Settings, back.Settings)
+
+	md, err := os.ReadFile(filepath.Join(dir, "report.md"))
+	require.NoError(t, err)
+	for _, want := range []string{"# kvnorm conformance report", "### lm", "| knorm | per-head |", "### passkey", "### attention", "ρ mean", "reference-lm.png"} {
+		assert.Contains(t, string(md), want)
+	}
+	for _, task := range conformance.AllTasks {
+		f, err := os.Open(filepath.Join(dir, "reference-"+task+".png"))
+		require.NoError(t, err, task)
+		img, err := png.Decode(f)
+		f.Close()
+		require.NoError(t, err, task)
+		assert.Greater(t, img.Bounds().Dx(), 100)
+	}
+
+	att := rr.Task(conformance.TaskAttention).Attention
+	require.NotNil(t, att)
+	require.Len(t, att.Layers, 5)
+	for _, l := range att.Layers {
+		assert.Len(t, l.HeadSpearman, 4)
+		assert.InDelta(t, 0, float64(l.Spearman), 1, "a correlation")
+		assert.InDelta(t, 0.5, float64(l.ShareLowHalf), 0.5, "a share")
+	}
+}
+
+// TestKeepOneEqualsBaseline: with a compressor attached at keep 1, every
+// task reproduces the uncompressed baseline exactly, whatever the policy.
+func TestKeepOneEqualsBaseline(t *testing.T) {
+	res, _ := quickRun(t)
+	for _, tr := range res.Runtimes[0].Tasks {
+		if tr.Task == conformance.TaskAttention {
+			continue
+		}
+		base := tr.BaselineRow()
+		require.NotNil(t, base, tr.Task)
+		assert.Equal(t, conformance.Num(1), base.Metrics["identical"])
+		for _, r := range tr.Rows {
+			if r.Baseline || r.Keep != 1 {
+				continue
+			}
+			name := tr.Task + " " + r.Policy + " " + r.Granularity
+			require.Equal(t, conformance.StatusOK, r.Status, name)
+			assert.Equal(t, conformance.Num(1), r.Metrics["identical"], name)
+			assert.Equal(t, conformance.Num(1), r.Metrics["kept_entries"], name)
+			assert.NotEqual(t, conformance.VerdictFail, r.Verdict, name)
+			for k, v := range base.Metrics {
+				assert.Equal(t, v, r.Metrics[k], "%s: %s", name, k)
+			}
+			for i, in := range r.Instances {
+				assert.Equal(t, base.Instances[i].Output, in.Output, name)
+			}
+		}
+	}
+}
+
+// TestRunsAreRepeatable: the same configuration gives the same results,
+// every number, the random policy included.
+func TestRunsAreRepeatable(t *testing.T) {
+	if testing.Short() {
+		t.Skip("two sweeps")
+	}
+	cfg := config(t)
+	cfg.Methods = []adapter.Method{adapter.Random, adapter.KNorm}
+	cfg.Keeps = []float64{0.3}
+	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 64, LMScore: 16, LMSamples: 2, Lengths: []int{128}, Depths: []float64{0.5}, Seeds: 1,
+		GreedyPrompt: 32, GreedyTokens: 8, GreedySamples: 2, AttentionLength: 64, AttentionSamples: 1}
+	var js [2][]byte
+	for i := range js {
+		res, err := conformance.Run(context.Background(), cfg)
+		require.NoError(t, err)
+		res.ClearTimings()
+		js[i], err = json.Marshal(res)
+		require.NoError(t, err)
+	}
+	assert.JSONEq(t, string(js[0]), string(js[1]))
+	assert.Contains(t, string(js[0]), `"policy":"random"`)
+}
+
+// positionOnly hides the reference engine's HeadCompactor and
+// AttentionRecorder, as llama.cpp's engine does not have them.
+type positionOnly struct{ e *refengine.Engine }
+
+func (p positionOnly) CacheShape() hooks.CacheShape { return p.e.CacheShape() }
+func (p positionOnly) Info() hooks.EngineInfo {
+	i := p.e.Info()
+	i.Runtime = "cells"
+	return i
+}
+func (p positionOnly) Tokenize(s string, bos bool) ([]int32, error) { return p.e.Tokenize(s, bos) }
+func (p positionOnly) Detokenize(t []int32) (string, error)         { return p.e.Detokenize(t) }
+func (p positionOnly) SetObserver(o hooks.Observer)                 { p.e.SetObserver(o) }
+func (p positionOnly) Prefill(s hooks.SeqID, t []int32, all bool) ([][]float32, error) {
+	return p.e.Prefill(s, t, all)
+}
+func (p positionOnly) Decode(s hooks.SeqID, t []int32) ([][]float32, error) { return p.e.Decode(s, t) }
+func (p positionOnly) Live(s hooks.SeqID) (int, int64, error)               { return p.e.Live(s) }
+func (p positionOnly) RemoveSequence(s hooks.SeqID) error                   { return p.e.RemoveSequence(s) }
+func (p positionOnly) Close() error                                         { return p.e.Close() }
+func (p positionOnly) EvictPositions(s hooks.SeqID, pos []hooks.Pos) error {
+	return p.e.EvictPositions(s, pos)
+}
+
+func TestUnsupportedGranularityIsNA(t *testing.T) {
+	cfg := config(t)
+	cfg.Runtimes = []conformance.Runtime{
+		{Name: "cells", Open: func(o conformance.EngineOptions) (hooks.Engine, error) {
+			e, err := refengine.Open(o.Model, o.Tokenizer, refengine.Options{})
+			return positionOnly{e}, err
+		}},
+		{Name: "broken", Open: func(conformance.EngineOptions) (hooks.Engine, error) { return nil, os.ErrNotExist }},
+	}
+	cfg.Tasks = []string{conformance.TaskLM, conformance.TaskAttention}
+	cfg.Methods = []adapter.Method{adapter.KNorm}
+	cfg.Keeps = []float64{0.5}
+	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 32, LMScore: 8, LMSamples: 1, Seeds: 1,
+		GreedyPrompt: 8, GreedyTokens: 4, GreedySamples: 1, AttentionLength: 16, AttentionSamples: 1}
+	var log strings.Builder
+	cfg.Progress = &log
+	res, err := conformance.Run(context.Background(), cfg)
+	require.NoError(t, err)
+	require.Len(t, res.Runtimes, 2)
+	lm := res.Runtimes[0].Task(conformance.TaskLM)
+	require.NotNil(t, lm)
+	ph := lm.Row("knorm", "per-head", 0.5)
+	require.NotNil(t, ph)
+	assert.Equal(t, conformance.StatusNA, ph.Status)
+	assert.Equal(t, conformance.VerdictNA, ph.Verdict)
+	assert.Contains(t, ph.Note, "per-head")
+	pt := lm.Row("knorm", "per-token", 0.5)
+	require.NotNil(t, pt)
+	assert.Equal(t, conformance.StatusOK, pt.Status)
+	assert.Less(t, float64(pt.Metrics["kept_positions"]), 1.0)
+	assert.Equal(t, conformance.StatusNA, res.Runtimes[0].Task(conformance.TaskAttention).Status)
+	assert.Contains(t, res.Runtimes[1].Error, "open")
+	assert.Contains(t, log.String(), "cells: lm done")
+}
+
+func TestUserText(t *testing.T) {
+	cfg := config(t)
+	cfg.Tasks = []string{conformance.TaskLM, conformance.TaskNeedle}
+	cfg.Methods = []adapter.Method{adapter.KNorm}
+	cfg.Granularities = []hooks.Granularity{hooks.PerHead}
+	cfg.Keeps = []float64{0.5}
+	cfg.Text = strings.Repeat("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. ", 20)
+	cfg.TextName = "story.txt"
+	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 48, LMScore: 16, LMSamples: 2, Lengths: []int{120}, Depths: []float64{0.5}, Seeds: 1,
+		GreedyPrompt: 8, GreedyTokens: 4, GreedySamples: 1, AttentionLength: 16, AttentionSamples: 1}
+	res, err := conformance.Run(context.Background(), cfg)
+	require.NoError(t, err)
+	assert.Equal(t, "story.txt", res.Settings.Text)
+	for _, tr := range res.Runtimes[0].Tasks {
+		assert.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", tr.Task, tr.Note)
+	}
+	needle := res.Runtimes[0].Task(conformance.TaskNeedle)
+	assert.Contains(t, needle.Inputs[0].Text, "She loved to play outside in the park.", "the haystack is the user's text")
+
+	cfg.Text = "Too short."
+	res, err = conformance.Run(context.Background(), cfg)
+	require.NoError(t, err)
+	assert.Equal(t, conformance.StatusError, res.Runtimes[0].Task(conformance.TaskLM).Status)
+	assert.Contains(t, res.Runtimes[0].Task(conformance.TaskLM).Note, "lm needs")
+}
