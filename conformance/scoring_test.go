@@ -104,8 +104,8 @@ func TestAttentionAccumulator(t *testing.T) {
 	acc := newAttnAccumulator(obs)
 	// [head][query][cell]
 	w := []float32{
-		1, 0, 0, /**/ 0.25, 0.75, 0, /**/ 0.2, 0.5, 0.3, // head 0
-		1, 0, 0, /**/ 0.5, 0.5, 0, /**/ 0.1, 0.6, 0.3, // head 1
+		1, 0, 0 /**/, 0.25, 0.75, 0 /**/, 0.2, 0.5, 0.3, // head 0
+		1, 0, 0 /**/, 0.5, 0.5, 0 /**/, 0.1, 0.6, 0.3, // head 1
 	}
 	require.NoError(t, acc.add(&AttentionBatch{Layer: 0, Seq: 0, Queries: []hooks.Pos{0, 1, 2}, Heads: 2, KVHeads: 1,
 		Cells: [][]hooks.Pos{{0, 1, 2}}, Weights: w}))
