@@ -102,10 +102,14 @@ func TestAttentionAccumulator(t *testing.T) {
 	require.NoError(t, obs.ObserveKeys(&hooks.KeyBatch{Layer: 0, Seqs: []hooks.SeqID{0, 0, 0}, Positions: []hooks.Pos{0, 1, 2},
 		DType: kernels.F32, Keys: hooks.F32Bytes([]float32{-3, 1, 2})}))
 	acc := newAttnAccumulator(obs)
-	// [head][query][cell]
+	// [head][query][cell]: one row per (head, query).
 	w := []float32{
-		1, 0, 0 /**/, 0.25, 0.75, 0 /**/, 0.2, 0.5, 0.3, // head 0
-		1, 0, 0 /**/, 0.5, 0.5, 0 /**/, 0.1, 0.6, 0.3, // head 1
+		1, 0, 0, // head 0
+		0.25, 0.75, 0,
+		0.2, 0.5, 0.3,
+		1, 0, 0, // head 1
+		0.5, 0.5, 0,
+		0.1, 0.6, 0.3,
 	}
 	require.NoError(t, acc.add(&AttentionBatch{Layer: 0, Seq: 0, Queries: []hooks.Pos{0, 1, 2}, Heads: 2, KVHeads: 1,
 		Cells: [][]hooks.Pos{{0, 1, 2}}, Weights: w}))
