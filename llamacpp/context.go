@@ -767,6 +767,7 @@ func (c *Context) Generate(ctx context.Context, seq hooks.SeqID, prompt []Token,
 		if logits, err = c.Decode(seq, []Token{tok}); err != nil {
 			return g, err
 		}
+		g.Decoded++
 	}
 	g.DecodeTime = time.Since(t2)
 	g.Text = string(text)

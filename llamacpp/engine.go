@@ -27,6 +27,12 @@ func OpenEngine(path string, o ContextOptions) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
+	return NewEngine(m, o)
+}
+
+// NewEngine creates one context on m; the engine owns m from then on and
+// closes it with itself (also when NewEngine fails).
+func NewEngine(m *Model, o ContextOptions) (*Engine, error) {
 	c, err := m.NewContext(o)
 	if err != nil {
 		m.Close()

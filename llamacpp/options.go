@@ -170,14 +170,18 @@ type Generation struct {
 	// CompressTime is the prefill compression (planning and evicting).
 	CompressTime time.Duration
 	DecodeTime   time.Duration // generating the tokens
+	// Decoded counts the generated tokens decoded into the cache: the last
+	// one sampled is not (the first comes from the prompt's logits).
+	Decoded int
 	// Stop is why generation ended: "max_tokens", "eog" or "callback".
 	Stop string
 }
 
-// DecodeTokensPerSecond is the generation speed.
+// DecodeTokensPerSecond is the decoding speed: tokens decoded per second of
+// DecodeTime (0 when none was decoded).
 func (g *Generation) DecodeTokensPerSecond() float64 {
-	if g.DecodeTime <= 0 || len(g.Tokens) == 0 {
+	if g.DecodeTime <= 0 || g.Decoded == 0 {
 		return 0
 	}
-	return float64(len(g.Tokens)) / g.DecodeTime.Seconds()
+	return float64(g.Decoded) / g.DecodeTime.Seconds()
 }

@@ -10,12 +10,58 @@ import (
 	"path/filepath"
 
 	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/hooks"
 	"github.com/kvnorm/kvnorm/llama2c"
 	"github.com/kvnorm/kvnorm/llamacpp"
 )
 
 func init() {
 	generators["llamacpp"] = generateLlamacpp
+	engines["llamacpp"] = openLlamacppEngine
+}
+
+// llamacppEngine is a llamacpp.Engine that removes its temporary GGUF file
+// (a converted llama2.c checkpoint) when closed.
+type llamacppEngine struct {
+	*llamacpp.Engine
+	cleanup func()
+}
+
+func (e *llamacppEngine) Close() error {
+	err := e.Engine.Close()
+	e.cleanup()
+	return err
+}
+
+// openLlamacppEngine opens the llama.cpp runtime for the conformance suite:
+// one sequence of o.Context cells (the model's trained context when 0),
+// flash attention on. It does not record attention, so the attention task
+// reports n/a for it.
+func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
+	logw := o.Log
+	if logw == nil {
+		logw = io.Discard
+	}
+	path, cleanup, err := ggufModel(o.Model, o.Tokenizer, logw)
+	if err != nil {
+		return nil, err
+	}
+	m, err := llamacpp.Open(path)
+	if err != nil {
+		cleanup()
+		return nil, err
+	}
+	n := o.Context
+	if n <= 0 {
+		n = m.Info().TrainCtx
+	}
+	e, err := llamacpp.NewEngine(m, llamacpp.ContextOptions{NCtx: n, Threads: o.Threads})
+	if err != nil {
+		cleanup()
+		return nil, err
+	}
+	return &llamacppEngine{Engine: e, cleanup: cleanup}, nil
 }
 
 // generateLlamacpp runs `kvnorm generate --runtime llamacpp`: the prompt is
@@ -98,7 +144,7 @@ func generateLlamacpp(ctx context.Context, o generateOptions) (*generateResult, 
 	}
 	if comp != nil {
 		tot := comp.Totals()
-		res.Policy = o.Policy.Method.String()
+		res.Policy = o.Policy.String()
 		res.Keep = o.Policy.Keep
 		res.Budget = o.Policy.Budget
 		res.Compressions = tot.Compressions
