@@ -514,14 +514,16 @@ func judge(task string, row, base *Row, tol Tolerances) {
 		return
 	}
 	m, b := row.Metrics, base.Metrics
+	if task == TaskLM {
+		m["ppl_increase"] = Num(float64(m["ppl"])/float64(b["ppl"]) - 1)
+	}
 	if row.Keep == 1 && m["identical"] != 1 {
 		row.Verdict, row.Reason = VerdictFail, "keep 1 must reproduce the baseline exactly and does not: a bug in the runtime or the adapter"
 		return
 	}
 	switch task {
 	case TaskLM:
-		inc := float64(m["ppl"])/float64(b["ppl"]) - 1
-		m["ppl_increase"] = Num(inc)
+		inc := float64(m["ppl_increase"])
 		switch {
 		case !(inc <= tol.MaxPPLIncrease):
 			row.Verdict, row.Reason = VerdictFail, fmt.Sprintf("perplexity +%.2f%% > +%.2f%%", 100*inc, 100*tol.MaxPPLIncrease)
