@@ -6,7 +6,7 @@ package llamacpp
 #cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
 #if !__has_include("llama.h")
 #error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#endif
+#else
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +32,7 @@ static void kvn_init_log(void) { llama_log_set(kvn_log, NULL); }
 // LogLevel in log.go mirrors enum ggml_log_level.
 _Static_assert(GGML_LOG_LEVEL_DEBUG == 1 && GGML_LOG_LEVEL_INFO == 2 && GGML_LOG_LEVEL_WARN == 3 && GGML_LOG_LEVEL_ERROR == 4, "kvnorm/llamacpp: ggml_log_level changed: update log.go");
 
+#endif
 */
 import "C"
 

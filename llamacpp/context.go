@@ -6,7 +6,7 @@ package llamacpp
 #cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
 #if !__has_include("llama.h")
 #error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#endif
+#else
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,6 +73,7 @@ static kvn_key_tensor kvn_describe(const struct ggml_tensor *t) {
 }
 
 static size_t kvn_row_size(int type, int64_t n) { return ggml_row_size((enum ggml_type)type, n); }
+#endif
 */
 import "C"
 
