@@ -13,7 +13,10 @@ import (
 // dt.RowBytes(dim) bytes, so len(src) must be exactly n*dt.RowBytes(dim).
 // The squared norm is accumulated in float32 or better and rounded to float32
 // before the square root, so a row whose squared norm overflows float32 has
-// norm +Inf; a row holding a NaN has norm NaN.
+// norm +Inf; a row holding a NaN has norm NaN. A Q8_0 block adds d²·Σq²; a
+// block whose 32 quants are all zero adds 0, whatever its scale (even Inf or
+// NaN). The implementations differ only in summation order and agree within
+// a relative 1e-5 for dim <= 300.
 func Norms(dst []float32, src []byte, dt DType, dim int) error {
 	return norms(dst, src, dt, dim, true)
 }
