@@ -39,10 +39,15 @@ func runBenchKernels(args []string, stdout, stderr io.Writer) error {
 	dims := fs.String("dims", "64,128", "head dims")
 	sel := fs.String("select-n", "10000,1000000,10000000", "selection sizes")
 	minTime := fs.Duration("time", 300*time.Millisecond, "minimum time per measurement")
+	quick := fs.Bool("quick", false, "a smoke run (1 MiB buffer, short times, n up to 1e5): for CI, not for figures")
 	if _, err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	opts := kbench.Options{BufferBytes: *mib << 20, MinTime: *minTime}
+	if *quick {
+		opts.BufferBytes, opts.AllowSmall, opts.MinTime = 1<<20, true, 5*time.Millisecond
+		*sel = "10000,100000"
+	}
 	var err error
 	if opts.Dims, err = parseInts("--dims", *dims); err != nil {
 		return err
