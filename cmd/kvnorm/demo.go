@@ -248,4 +248,3 @@ func human(b int64) string {
 	}
 	return fmt.Sprintf("%d B", b)
 }
-
