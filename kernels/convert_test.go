@@ -131,3 +131,11 @@ func TestQuantizeQ8_0(t *testing.T) {
 
 	require.NoError(t, QuantizeQ8_0(nil, nil))
 }
+
+func TestF16ToF32Fast(t *testing.T) {
+	for i := range 1 << 16 {
+		h := uint16(i)
+		want, got := F16ToF32(h), f16ToF32Fast(h)
+		require.Equal(t, math.Float32bits(want), math.Float32bits(got), "%#04x", h)
+	}
+}

@@ -56,32 +56,64 @@ func normsF32Generic(dst []float32, src []byte, dim int, sqrt bool) {
 }
 
 func normsF16Generic(dst []float32, src []byte, dim int, sqrt bool) {
-	normsHalfGeneric(dst, src, dim, sqrt, F16ToF32)
-}
-
-func normsBF16Generic(dst []float32, src []byte, dim int, sqrt bool) {
-	normsHalfGeneric(dst, src, dim, sqrt, BF16ToF32)
-}
-
-// normsHalfGeneric serves both 16-bit types; conv decodes one element.
-func normsHalfGeneric(dst []float32, src []byte, dim int, sqrt bool, conv func(uint16) float32) {
 	rb := 2 * dim
 	for i := range dst {
 		row := src[i*rb : (i+1)*rb]
 		var s0, s1, s2, s3 float64
 		j := 0
 		for ; j+8 <= len(row); j += 8 {
-			x0 := float64(conv(binary.LittleEndian.Uint16(row[j:])))
-			x1 := float64(conv(binary.LittleEndian.Uint16(row[j+2:])))
-			x2 := float64(conv(binary.LittleEndian.Uint16(row[j+4:])))
-			x3 := float64(conv(binary.LittleEndian.Uint16(row[j+6:])))
+			x0 := float64(f16ToF32Fast(binary.LittleEndian.Uint16(row[j:])))
+			x1 := float64(f16ToF32Fast(binary.LittleEndian.Uint16(row[j+2:])))
+			x2 := float64(f16ToF32Fast(binary.LittleEndian.Uint16(row[j+4:])))
+			x3 := float64(f16ToF32Fast(binary.LittleEndian.Uint16(row[j+6:])))
 			s0 += x0 * x0
 			s1 += x1 * x1
 			s2 += x2 * x2
 			s3 += x3 * x3
 		}
 		for ; j < len(row); j += 2 {
-			x := float64(conv(binary.LittleEndian.Uint16(row[j:])))
+			x := float64(f16ToF32Fast(binary.LittleEndian.Uint16(row[j:])))
+			s0 += x * x
+		}
+		dst[i] = finish((s0+s1)+(s2+s3), sqrt)
+	}
+}
+
+// f16ToF32Fast is F16ToF32 in a form the compiler inlines: the exponent and
+// mantissa bits, moved into binary32 position, are a binary32 whose value is
+// 2^-112 times the binary16 value (denormals included, exactly), so one
+// multiplication by 2^112 finishes the job. Inf and NaN get the all-ones
+// exponent directly.
+func f16ToF32Fast(h uint16) float32 {
+	bits := uint32(h&0x7fff) << 13
+	sign := uint32(h&0x8000) << 16
+	if h&0x7c00 == 0x7c00 { // Inf or NaN: exponent field all ones
+		if bits != 0x0f800000 {
+			bits |= 0x00400000 // quiet the NaN, as VCVTPH2PS does
+		}
+		return math.Float32frombits(sign | 0x70000000 | bits)
+	}
+	return math.Float32frombits(math.Float32bits(math.Float32frombits(bits)*0x1p112) | sign)
+}
+
+func normsBF16Generic(dst []float32, src []byte, dim int, sqrt bool) {
+	rb := 2 * dim
+	for i := range dst {
+		row := src[i*rb : (i+1)*rb]
+		var s0, s1, s2, s3 float64
+		j := 0
+		for ; j+8 <= len(row); j += 8 {
+			x0 := float64(BF16ToF32(binary.LittleEndian.Uint16(row[j:])))
+			x1 := float64(BF16ToF32(binary.LittleEndian.Uint16(row[j+2:])))
+			x2 := float64(BF16ToF32(binary.LittleEndian.Uint16(row[j+4:])))
+			x3 := float64(BF16ToF32(binary.LittleEndian.Uint16(row[j+6:])))
+			s0 += x0 * x0
+			s1 += x1 * x1
+			s2 += x2 * x2
+			s3 += x3 * x3
+		}
+		for ; j < len(row); j += 2 {
+			x := float64(BF16ToF32(binary.LittleEndian.Uint16(row[j:])))
 			s0 += x * x
 		}
 		dst[i] = finish((s0+s1)+(s2+s3), sqrt)
@@ -98,7 +130,7 @@ func normsQ8_0Generic(dst []float32, src []byte, dim int, sqrt bool) {
 		var s float64
 		for b := 0; b < blocks; b++ {
 			blk := row[b*q8_0BlockBytes : (b+1)*q8_0BlockBytes]
-			d := float64(F16ToF32(binary.LittleEndian.Uint16(blk)))
+			d := float64(f16ToF32Fast(binary.LittleEndian.Uint16(blk)))
 			var qq int32
 			for _, q := range blk[2:] {
 				qq += int32(int8(q)) * int32(int8(q))
