@@ -92,7 +92,9 @@ type Cache struct {
 	pend    []*pendingBatch // batches whose norms have not been read, oldest first
 	batches uint64
 	graph   ml.Context // the graph being built, inside StartForward
-	copies  []copyOp
+	// graphOps is set once cache operations went into graph.
+	graphOps bool
+	copies   []copyOp
 
 	statsMu sync.Mutex
 	history []hooks.Stats
@@ -285,7 +287,7 @@ func (c *Cache) CanResume(seq int, pos int32) bool { return true }
 // the batch it reads back the key norms of the previous batch, compresses
 // sequences whose prompt has been decoded, and compresses sequences that
 // would not fit (cache pressure).
-func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) error {
+func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (err error) {
 	n := len(batch.Positions)
 	if len(batch.Sequences) != n {
 		return fmt.Errorf("ollama: batch has %d positions and %d sequences", n, len(batch.Sequences))
@@ -298,8 +300,15 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) er
 		return fmt.Errorf("ollama: batch of %d tokens exceeds the cache's maximum batch of %d", n, c.maxBatch)
 	}
 	// Copies and compactions decided now run first in this batch's graph.
-	c.graph = ctx
-	defer func() { c.graph = nil }()
+	c.graph, c.graphOps = ctx, false
+	defer func() {
+		// The bookkeeping already moved cells: if the batch fails, move
+		// the data now rather than never.
+		if err != nil && c.graphOps {
+			ctx.Compute()
+		}
+		c.graph = nil
+	}()
 	if err := c.settle(!c.opts.Pipelined); err != nil {
 		return err
 	}
@@ -741,6 +750,7 @@ func (c *Cache) runCopies() {
 // inside StartForward, else a new context that done closes.
 func (c *Cache) opContext() (ctx ml.Context, done func()) {
 	if c.graph != nil {
+		c.graphOps = true
 		return c.graph, func() {}
 	}
 	ctx = c.backend.NewContext()
