@@ -172,10 +172,11 @@ func (s *server) createModel(t *testing.T, name, gguf string) {
 }
 
 // expected is what kvnorm's Session gives for the same GGUF, prompt and
-// policy with greedy decoding: the server must give the same text.
+// policy with greedy decoding, pipelined as the runner is: the server must
+// give the same text.
 func expected(t *testing.T, gguf, prompt string, policy *adapter.Policy, n int) string {
 	t.Helper()
-	s, err := ollama.Open(gguf, ollama.Config{Policy: policy, Upstream: policy == nil, Context: 256})
+	s, err := ollama.Open(gguf, ollama.Config{Policy: policy, Upstream: policy == nil, Context: 256, Pipelined: true})
 	require.NoError(t, err)
 	defer s.Close()
 	ids, err := s.Encode(prompt, true)
