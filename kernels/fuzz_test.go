@@ -126,13 +126,24 @@ func FuzzLowestK(f *testing.F) {
 			t.Fatal(err)
 		}
 		want := oracleLowestK(scores, kk)
-		if len(got) != len(want) {
-			t.Fatalf("k=%d: got %d indices, want %d", kk, len(got), len(want))
-		}
-		for i := range want {
-			if got[i] != want[i] {
-				t.Fatalf("k=%d: got %v, want %v", kk, got, want)
-			}
+		requireIndices(t, want, got, "LowestK", kk)
+		// Inputs long enough for the radix path are rare in fuzzing: run it
+		// directly on short ones too.
+		if kk >= 1 && kk < len(scores) {
+			var sel Selector
+			requireIndices(t, want, sel.lowestKRadix(make([]int32, 0, kk), scores, kk), "radix", kk)
 		}
 	})
+}
+
+func requireIndices(t *testing.T, want, got []int32, path string, k int) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%s k=%d: got %d indices, want %d", path, k, len(got), len(want))
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("%s k=%d: got %v, want %v", path, k, got, want)
+		}
+	}
 }

@@ -138,6 +138,12 @@ func (s *Selector) lowestK(dst []int32, scores []float32, k int) []int32 {
 	case n <= smallSelect:
 		return s.lowestKSmall(dst, scores, k)
 	}
+	return s.lowestKRadix(dst, scores, k)
+}
+
+// lowestKRadix is the radix-select path of lowestK, valid for any
+// 1 <= k < len(scores); dst is empty with capacity for k.
+func (s *Selector) lowestKRadix(dst []int32, scores []float32, k int) []int32 {
 	t, below, equal := s.threshold(scores, k)
 	dst = dst[:k]
 	cnt := 0

@@ -117,6 +117,10 @@ func TestLowestKRandom(t *testing.T) {
 					got, err := sel.LowestK(nil, scores, k)
 					require.NoError(t, err)
 					require.Equal(t, want, got, "n=%d k=%d", n, k)
+					if k >= 1 && k < n { // the radix path, whatever n
+						got = sel.lowestKRadix(make([]int32, 0, k), scores, k)
+						require.Equal(t, want, got, "radix n=%d k=%d", n, k)
+					}
 				}
 			}
 		})
