@@ -15,7 +15,10 @@ import (
 //     wanted score order (NaN highest, -0 equal to +0).
 //  2. Three histogram passes over 11, 11 and 10 bits of the keys find the key
 //     T of the k-th lowest score and the count of keys below T; each pass
-//     looks only at the keys that share the bits already fixed.
+//     looks only at the keys that share the bits already fixed. For large
+//     inputs a strided sample first guesses a narrow key range around T, so
+//     that one pass over the scores gathers the few candidate keys and the
+//     histogram passes run on those alone.
 //  3. One pass in index order emits every index whose key is below T and the
 //     first k-below indices whose key equals T. The result is therefore in
 //     ascending index order, and ties go to the lower index.
@@ -58,8 +61,11 @@ type Selector struct {
 	hiHist  [1 << 11]uint32
 	midHist [1 << 11]uint32
 	loHist  [1 << 10]uint32
-	cand    []uint32 // keys sharing the high digit of the threshold
+	cand    []uint32 // keys that may hold the threshold
+	sample  []uint32 // sampled keys of a large input
 	pairs   []uint64 // key<<32 | index, for the small path
+
+	sampleMisses int // sampled guesses that missed, for tests
 }
 
 var selectorPool = sync.Pool{New: func() any { return new(Selector) }}
@@ -199,56 +205,116 @@ func (s *Selector) lowestKSmall(dst []int32, scores []float32, k int) []int32 {
 
 // threshold returns the key t of the score of rank k-1 (0-based, ties
 // broken by index), the number of scores whose key is below t, and the
-// number whose key equals t.
-// 1 <= k < len(scores).
+// number whose key equals t. 1 <= k < len(scores).
 func (s *Selector) threshold(scores []float32, k int) (t uint32, below, equal int) {
-	rank := uint32(k - 1)
-
-	// Pass 1: high digit of every key.
-	clear(s.hiHist[:])
-	for _, f := range scores {
-		s.hiHist[scoreKey(f)>>hiShift]++
+	if len(scores) >= sampleMinN {
+		if t, below, equal, ok := s.sampledThreshold(scores, k); ok {
+			return t, below, equal
+		}
+		s.sampleMisses++
 	}
-	hi, skipped := digitOf(s.hiHist[:], rank)
-	rank -= skipped
-
-	// Pass 2: gather the keys with that high digit, without branches: each
-	// key is written at cand[c] and c advances only on a match. Exactly
-	// hiHist[hi] keys match, so one spare slot suffices. Then histogram
-	// their middle digit.
-	count := int(s.hiHist[hi])
-	if cap(s.cand) < count+1 {
-		s.cand = make([]uint32, count+1)
+	keys := s.growCand(len(scores))[:len(scores)]
+	for i, f := range scores {
+		keys[i] = scoreKey(f)
 	}
-	cand := s.cand[:count+1]
-	c := 0
+	return s.selectKey(keys, uint32(k-1))
+}
+
+// Sampling: the threshold of a large input is first guessed from sampleSize
+// keys taken at a regular stride. One pass then counts the keys below the
+// guessed range and gathers those inside it; when the wanted rank falls
+// inside, the radix passes run on the (small) gathered set only. Otherwise
+// (a misleading sample, say periodic data) threshold falls back to all keys.
+const (
+	sampleSize = 2048
+	sampleMinN = 16 * sampleSize
+)
+
+func (s *Selector) sampledThreshold(scores []float32, k int) (t uint32, below, equal int, ok bool) {
+	n, rank := len(scores), k-1
+	sample := s.sample[:0]
+	for i := range sampleSize {
+		sample = append(sample, scoreKey(scores[i*(n/sampleSize)]))
+	}
+	s.sample = sample
+	slices.Sort(sample)
+
+	// The rank's position in the sample, widened by three standard
+	// deviations of a sampled quantile plus a constant.
+	q := float64(rank) / float64(n)
+	p := int(q * sampleSize)
+	margin := int(3*math.Sqrt(sampleSize*q*(1-q))) + 16
+	lo, hi := uint32(0), uint32(math.MaxUint32)
+	if p-margin > 0 {
+		lo = sample[p-margin]
+	}
+	if p+margin < sampleSize-1 {
+		hi = sample[p+margin]
+	}
+
+	// One pass, no data-dependent branches: every key is written at
+	// cand[c], and c advances only for keys in [lo, hi].
+	cand := s.growCand(n)
+	width := hi - lo
+	c, lt := 0, 0
 	for _, f := range scores {
 		key := scoreKey(f)
 		cand[c] = key
-		c += int(b2u(key>>hiShift == hi))
-		if c > count { // unreachable; lets the compiler drop the bounds check
-			break
-		}
+		c += int(b2u(key-lo <= width))
+		lt += int(b2u(key < lo))
 	}
-	cand = cand[:count]
+	if rank < lt || rank >= lt+c {
+		return 0, 0, 0, false
+	}
+	t, below, equal = s.selectKey(cand[:c], uint32(rank-lt))
+	return t, lt + below, equal, true
+}
+
+// growCand returns s.cand with room for n+1 keys.
+func (s *Selector) growCand(n int) []uint32 {
+	if cap(s.cand) < n+1 {
+		s.cand = make([]uint32, n+1)
+	}
+	return s.cand[:n+1]
+}
+
+// selectKey returns the key of the given rank (0-based) among keys, the
+// number of keys below it and the number equal to it, with three histogram
+// passes over 11, 11 and 10 bits. It reorders keys.
+func (s *Selector) selectKey(keys []uint32, rank uint32) (t uint32, below, equal int) {
+	clear(s.hiHist[:])
+	for _, key := range keys {
+		s.hiHist[key>>hiShift]++
+	}
+	hi, before := digitOf(s.hiHist[:], rank)
+	rank -= before
+	below = int(before)
+
+	// Keep the keys with that high digit, compacted in place (m never
+	// passes the read position).
+	m := 0
+	for _, key := range keys {
+		keys[m] = key
+		m += int(b2u(key>>hiShift == hi))
+	}
+	keys = keys[:m]
 	clear(s.midHist[:])
-	for _, key := range cand {
+	for _, key := range keys {
 		s.midHist[key>>midShift&midMask]++
 	}
-	mid, skipped2 := digitOf(s.midHist[:], rank)
-	rank -= skipped2
+	mid, before := digitOf(s.midHist[:], rank)
+	rank -= before
+	below += int(before)
 
-	// Pass 3: low digit of the candidates that share the middle digit too.
 	clear(s.loHist[:])
-	for _, key := range cand {
+	for _, key := range keys {
 		if key>>midShift&midMask == mid {
 			s.loHist[key&loMask]++
 		}
 	}
-	lo, skipped3 := digitOf(s.loHist[:], rank)
-
-	t = hi<<hiShift | mid<<midShift | lo
-	return t, int(skipped + skipped2 + skipped3), int(s.loHist[lo])
+	lo, before := digitOf(s.loHist[:], rank)
+	below += int(before)
+	return hi<<hiShift | mid<<midShift | lo, below, int(s.loHist[lo])
 }
 
 // digitOf returns the bucket holding the element of the given rank and the

@@ -101,7 +101,7 @@ func TestLowestKRandom(t *testing.T) {
 	var sel Selector
 	for _, g := range scoreGens {
 		t.Run("scores="+g.name, func(t *testing.T) {
-			for _, n := range []int{1, 2, 3, 10, 255, 256, 257, 1000, 4097, 20000} {
+			for _, n := range []int{1, 2, 3, 10, 255, 256, 257, 1000, 4097, 20000, sampleMinN, 50001} {
 				if raceEnabled && n > 5000 {
 					continue
 				}
@@ -109,7 +109,11 @@ func TestLowestKRandom(t *testing.T) {
 				for i := range scores {
 					scores[i] = g.gen(rng, i)
 				}
-				for _, k := range []int{0, 1, 2, n / 3, n / 2, n - 1, n} {
+				ks := []int{0, 1, 2, n / 3, n / 2, n - 1, n}
+				if n > 20000 {
+					ks = []int{1, n / 3, n - 1}
+				}
+				for _, k := range ks {
 					if k > n {
 						continue
 					}
@@ -125,6 +129,26 @@ func TestLowestKRandom(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestLowestKSampleMiss feeds periodic scores that mislead the strided
+// sample, so that the sampled guess misses and the fallback runs.
+func TestLowestKSampleMiss(t *testing.T) {
+	n := 4 * sampleMinN
+	step := n / sampleSize
+	scores := make([]float32, n)
+	for i := range scores {
+		if i%step != 0 {
+			scores[i] = 1 + float32(i%5) // the sample sees only zeros
+		}
+	}
+	var sel Selector
+	for _, k := range []int{1, sampleSize, n / 2, n - 1} {
+		got, err := sel.LowestK(nil, scores, k)
+		require.NoError(t, err)
+		require.Equal(t, oracleLowestK(scores, k), got, "k=%d", k)
+	}
+	assert.Positive(t, sel.sampleMisses, "the fallback ran")
 }
 
 func TestLowestKErrors(t *testing.T) {
@@ -183,7 +207,7 @@ func TestLowestKBatched(t *testing.T) {
 }
 
 func TestLowestKReusesDst(t *testing.T) {
-	scores := make([]float32, 10000)
+	scores := make([]float32, 2*sampleMinN)
 	rng := rand.New(rand.NewPCG(8, 8))
 	for i := range scores {
 		scores[i] = rng.Float32()
@@ -194,7 +218,7 @@ func TestLowestKReusesDst(t *testing.T) {
 	require.NoError(t, err)
 	assert.Same(t, &dst[:1][0], &got[0], "result written into dst's array")
 
-	for _, n := range []int{100, 10000} {
+	for _, n := range []int{100, 10000, len(scores)} {
 		allocs := testing.AllocsPerRun(20, func() {
 			dst, _ = sel.LowestK(dst, scores[:n], n/2)
 		})
