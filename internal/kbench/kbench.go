@@ -5,8 +5,13 @@
 // reported next to an honest baseline: the fastest plain read of the same
 // buffer that this machine manages (an AVX2 load loop on amd64, an unrolled
 // 64-bit load loop elsewhere), measured in the same run, interleaved with the
-// kernel, on one goroutine locked to its thread. The ratio kernel/read says
-// how close a kernel comes to streaming its input at memory speed.
+// kernel chunk by chunk, on one goroutine locked to its thread. The ratio
+// kernel/read says how close a kernel comes to streaming its input at memory
+// speed.
+//
+// Times are the CPU time of the measuring thread where the OS offers it
+// (Linux), so that other processes taking turns on the same core do not
+// count; elsewhere they are wall-clock times.
 package kbench
 
 import (
@@ -129,14 +134,21 @@ func RunKernels(opts Options) ([]KernelResult, error) {
 				return nil, fmt.Errorf("%w: BufferBytes=%d holds no row of %d bytes (dtype=%v, dim=%d)", ErrOptions, len(buf), rb, dt, dim)
 			}
 			src, dst := buf[:n*rb], make([]float32, n)
+			rowsPerChunk := max(1, chunkBytes/rb)
+			chunks := (n + rowsPerChunk - 1) / rowsPerChunk
+			kernel := func(c int) error {
+				lo, hi := c*rowsPerChunk, min(n, (c+1)*rowsPerChunk)
+				return kernels.Norms(dst[lo:hi], src[lo*rb:hi*rb], dt, dim)
+			}
+			read := func(c int) {
+				sink ^= readAll(buf[c*len(buf)/chunks : (c+1)*len(buf)/chunks])
+			}
 			for _, impl := range impls {
 				restore, err := kernels.UseImpl(impl)
 				if err != nil {
 					return nil, err
 				}
-				kernelSec, readSec, err := measurePair(opts.MinTime,
-					func() error { return kernels.Norms(dst, src, dt, dim) },
-					func() { sink ^= readAll(buf) })
+				kernelSec, readSec, err := measureInterleaved(opts.MinTime, chunks, kernel, read)
 				restore()
 				if err != nil {
 					return nil, err
@@ -159,31 +171,51 @@ func RunKernels(opts Options) ([]KernelResult, error) {
 // sink keeps the read loop's result alive.
 var sink uint64
 
-// measurePair alternates kernel and read passes until each has run for
-// minTime and at least 3 times, and returns the best time of each.
-func measurePair(minTime time.Duration, kernel func() error, read func()) (kernelSec, readSec float64, err error) {
+// chunkBytes is the size of the slices the buffer is timed in.
+const chunkBytes = 1 << 20
+
+// measureInterleaved times the kernel and the read loop chunk by chunk,
+// alternating: kernel on chunk c, then read on chunk c+chunks/2 (mod
+// chunks), so that every chunk either of them touches was last touched a
+// whole buffer of traffic earlier and comes from memory, not cache. Passes
+// over the buffer repeat until each side has run for minTime, and at least
+// 3 times. For each chunk the best time over the passes counts, and the
+// sums of those are returned: a disturbance (another process on the core)
+// spoils one chunk of one pass, not the whole measurement, and both sides
+// are treated alike.
+func measureInterleaved(minTime time.Duration, chunks int, kernel func(c int) error, read func(c int)) (kernelSec, readSec float64, err error) {
 	runtime.GC()
-	// One untimed pass of each faults the pages in and warms the branch
-	// predictors.
-	if err := kernel(); err != nil {
-		return 0, 0, err
+	bestK := make([]time.Duration, chunks)
+	bestR := make([]time.Duration, chunks)
+	for c := range chunks {
+		bestK[c], bestR[c] = 1<<62, 1<<62
 	}
-	read()
 	var spentK, spentR time.Duration
-	bestK, bestR := time.Duration(1<<62), time.Duration(1<<62)
-	for reps := 0; reps < 3 || spentK < minTime || spentR < minTime; reps++ {
-		start := time.Now()
-		if err := kernel(); err != nil {
-			return 0, 0, err
+	// Pass -1 is untimed: it faults the pages in and warms the predictors.
+	for pass := -1; pass < 3 || spentK < minTime || spentR < minTime; pass++ {
+		for c := range chunks {
+			rc := (c + chunks/2) % chunks
+			t0 := threadClock()
+			if err := kernel(c); err != nil {
+				return 0, 0, err
+			}
+			t1 := threadClock()
+			read(rc)
+			t2 := threadClock()
+			if pass < 0 {
+				continue
+			}
+			k, r := t1-t0, t2-t1
+			spentK, spentR = spentK+k, spentR+r
+			bestK[c], bestR[rc] = min(bestK[c], k), min(bestR[rc], r)
 		}
-		k := time.Since(start)
-		start = time.Now()
-		read()
-		r := time.Since(start)
-		spentK, spentR = spentK+k, spentR+r
-		bestK, bestR = min(bestK, k), min(bestR, r)
 	}
-	return bestK.Seconds(), bestR.Seconds(), nil
+	var sumK, sumR time.Duration
+	for c := range chunks {
+		sumK += bestK[c]
+		sumR += bestR[c]
+	}
+	return sumK.Seconds(), sumR.Seconds(), nil
 }
 
 // RunSelect measures kernels.LowestK keeping n/2 of n scores for each n in
@@ -212,9 +244,9 @@ func RunSelect(opts Options) ([]SelectResult, error) {
 		var spent time.Duration
 		best := time.Duration(1 << 62)
 		for reps := 0; reps < 3 || spent < opts.MinTime; reps++ {
-			start := time.Now()
+			start := threadClock()
 			dst, _ = sel.LowestK(dst, scores, n/2)
-			d := time.Since(start)
+			d := threadClock() - start
 			spent += d
 			best = min(best, d)
 		}

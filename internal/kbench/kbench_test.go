@@ -108,18 +108,25 @@ func TestReadAll(t *testing.T) {
 
 // TestPrintReport prints the full measurement (64 MiB buffer, defaults) when
 // KBENCH_REPORT=1: KBENCH_REPORT=1 go test -run PrintReport -v ./internal/kbench
+// KBENCH_MINTIME (a duration) overrides Options.MinTime.
 func TestPrintReport(t *testing.T) {
 	if os.Getenv("KBENCH_REPORT") != "1" {
 		t.Skip("set KBENCH_REPORT=1 to run the full measurement")
 	}
-	ks, err := RunKernels(Options{})
+	var opts Options
+	if v := os.Getenv("KBENCH_MINTIME"); v != "" {
+		d, err := time.ParseDuration(v)
+		require.NoError(t, err)
+		opts.MinTime = d
+	}
+	ks, err := RunKernels(opts)
 	require.NoError(t, err)
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "\n%-5s %4s %-8s %8s %10s %6s\n", "dtype", "dim", "impl", "GB/s", "read GB/s", "ratio")
 	for _, r := range ks {
 		fmt.Fprintf(&sb, "%-5s %4d %-8s %8.2f %10.2f %6.2f\n", r.DType, r.Dim, r.Impl, r.GBps, r.ReadGBps, r.Ratio)
 	}
-	ss, err := RunSelect(Options{})
+	ss, err := RunSelect(opts)
 	require.NoError(t, err)
 	fmt.Fprintf(&sb, "\n%10s %14s %10s\n", "n", "Mscores/s", "ms")
 	for _, r := range ss {

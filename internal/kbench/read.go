@@ -1,6 +1,9 @@
 package kbench
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"time"
+)
 
 // orWordsGo is the portable read loop and the reference for the assembly
 // one: the bitwise OR of every 8-byte little-endian word of p, the last
@@ -29,3 +32,8 @@ func orWordsGo(p []byte) uint64 {
 	a0 |= binary.LittleEndian.Uint64(last[:])
 	return a0 | a1 | a2 | a3 | a4 | a5 | a6 | a7
 }
+
+var clockStart = time.Now()
+
+// wallClock returns the monotonic time since the package was loaded.
+func wallClock() time.Duration { return time.Since(clockStart) }
