@@ -119,10 +119,11 @@ type Context struct {
 	observed bool // obs is set: keys are streamed during decodes
 
 	// The batch being decoded, for the callback, and what it reports.
-	curSeqs []hooks.SeqID
-	curPos  []hooks.Pos
-	keyBuf  []float32
-	cbErr   error
+	curSeqs  []hooks.SeqID
+	curPos   []hooks.Pos
+	decoding bool // inside our own llama_decode: tensors belong to curPos
+	keyBuf   []float32
+	cbErr    error
 
 	live []posSet // per sequence
 }
@@ -285,7 +286,9 @@ func (c *Context) liveLocked() error {
 func (c *Context) Model() *Model { return c.model }
 
 // Raw returns the *llama_context, for state-mode calls (Compress) and for
-// code that drives llama.cpp directly. It is valid until Close.
+// code that drives llama.cpp directly. It is valid until Close. Tokens
+// decoded through it are not reported to the observer (the context does not
+// know their positions), and the context's cell count needs a Resync.
 func (c *Context) Raw() unsafe.Pointer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -622,7 +625,9 @@ func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want ma
 		c.curPos[i] = next + hooks.Pos(i)
 	}
 	c.cbErr = nil
+	c.decoding = true
 	rc := C.llama_decode(c.c, c.batch)
+	c.decoding = false
 	if rc != 0 {
 		return decodeError(int(rc), fmt.Sprintf("seq %d, %d tokens at position %d", seq, n, next))
 	}
@@ -654,8 +659,8 @@ func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want ma
 // copies the keys out and hands them to the observer. Errors are kept for
 // decodeChunk to report; the graph always runs to the end.
 func (c *Context) observeTensor(t unsafe.Pointer) {
-	if c.cbErr != nil || c.obs == nil {
-		return
+	if !c.decoding || c.cbErr != nil || c.obs == nil {
+		return // a llama_decode through Raw: its batch is unknown here
 	}
 	d := C.kvn_describe((*C.struct_ggml_tensor)(t))
 	sh := c.shape

@@ -581,3 +581,30 @@ func TestSamplerSeeded(t *testing.T) {
 	_, err = c2.Generate(ctx, 0, []llamacpp.Token{m.Info().BOS}, llamacpp.GenerateOptions{MaxTokens: 30})
 	assert.True(t, errors.Is(err, context.Canceled))
 }
+
+// TestConcurrentUse: goroutines sharing a context (one sequence each) and a
+// compressor are serialized safely (run with -race).
+func TestConcurrentUse(t *testing.T) {
+	m := openStories(t, "f32")
+	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 256, NBatch: 32, Seqs: 4})
+	_, err := c.EnableCompression(policy(0.5))
+	require.NoError(t, err)
+	prompt := storyTokens(t, m, 100)
+	errs := make(chan error, 4)
+	for seq := range 4 {
+		go func() {
+			_, err := c.Generate(context.Background(), hooks.SeqID(seq), prompt, llamacpp.GenerateOptions{MaxTokens: 10})
+			errs <- err
+		}()
+	}
+	for range 4 {
+		require.NoError(t, <-errs)
+	}
+	for seq := range 4 {
+		assert.Equal(t, 50+9, c.Cells(hooks.SeqID(seq)))
+	}
+	// Every sequence was compressed from the same prompt: same cells.
+	for seq := 1; seq < 4; seq++ {
+		assert.Equal(t, c.Positions(0)[:50], c.Positions(hooks.SeqID(seq))[:50])
+	}
+}

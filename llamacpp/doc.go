@@ -1,0 +1,51 @@
+// Package llamacpp runs llama.cpp through cgo and compresses its KV cache by
+// key norm (Devoto et al. 2024) through the shared hooks/adapter contract.
+//
+// llama.cpp and ggml are compiled from the pinned Ollama module (blank
+// imports of its llama.cpp/src and ggml/src packages); the headers come from
+// the module cache through the llamacpp/.ollama link that `make headers`
+// creates. Nothing of llama.cpp is copied here. Without cgo the package still
+// compiles and every entry point returns an error wrapping ErrNoCgo.
+//
+// # Callback mode (a Context of this package)
+//
+//	m, _ := llamacpp.Open("model.gguf")
+//	ctx, _ := m.NewContext(llamacpp.ContextOptions{NCtx: 4096})
+//	comp, _ := ctx.EnableCompression(adapter.DefaultPolicy()) // adapter.New(ctx, p) + SetObserver
+//	g, _ := ctx.Generate(context.Background(), 0, prompt, llamacpp.GenerateOptions{MaxTokens: 128})
+//
+// The data flow of one decode:
+//
+//	Decode(seq, tokens) -- chunks of BatchSize, one llama_decode (one ubatch) each
+//	  free cells < chunk?  -> observer.CachePressure -> plan -> EvictPositions
+//	  llama_decode
+//	    cb_eval (C) asks for the ROPE node "Kcur-N" of every layer N
+//	    -> kvnormObserveKeys (Go) copies it with ggml_backend_tensor_get
+//	       ([head_dim, n_kv_heads, n_tokens] f32) into a reused buffer
+//	    -> observer.ObserveKeys(layer, seqs and positions of the chunk)
+//	       (the compressor keeps norms, never keys)
+//	Prompt/Generate: after the prompt -> observer.PrefillDone -> plan -> evict
+//
+// Eviction is per token (llama.cpp cells hold every layer and head of a
+// position): llama_memory_seq_rm(mem, seq, p0, p1) per run of evicted
+// positions. Positions keep their holes; the last position is never evicted,
+// so decoding continues at llama_memory_seq_pos_max+1 and no RoPE shift is
+// needed. Each sequence has its own cells (kv_unified off), so compressing
+// one never touches another. Flash attention is on by default; eviction works
+// with it on or off and with f16, q8_0 and q4_0 caches.
+//
+// # State mode (an app's own llama_context)
+//
+// Compress(unsafe.Pointer(lctx), seq, policy) reads the sequence's keys back
+// from llama_state_seq_get_data (ParseSeqState documents the layout; f32, f16,
+// bf16 and q8_0 keys), plans, and evicts with llama_memory_seq_rm. See
+// ExampleCompress.
+//
+// # Ownership
+//
+// A Model owns its llama_model and a Context its llama_context, batch and
+// callback state (C memory plus a cgo.Handle). Close is explicit, idempotent
+// and mutex-guarded; there are no finalizers. Closing a Model closes its
+// contexts first. Every C string is freed; Go memory handed to C lives only
+// for the duration of the call.
+package llamacpp
