@@ -29,8 +29,10 @@ DATA maskTail<>+0x30(SB)/8, $0
 DATA maskTail<>+0x38(SB)/8, $0
 GLOBL maskTail<>(SB), RODATA|NOPTR, $64
 
-// PFDIST is how far ahead of the read cursor the row loops prefetch: about
-// twice the bytes a memory latency's worth of bandwidth keeps in flight.
+// PFDIST is how far ahead of the read cursor the main row loops (32 elements
+// or 2 blocks per iteration) prefetch: about twice the bytes that one memory
+// latency's worth of bandwidth keeps in flight. Prefetches past the end of
+// src are harmless: they never fault.
 #define PFDIST 2048
 
 #define LOAD_ARGS \
