@@ -33,6 +33,8 @@ type Model struct {
 	vocab *C.struct_llama_vocab
 	info  ModelInfo
 	ctxs  map[*Context]struct{}
+	// closing is set once Close starts: no new context from then on.
+	closing bool
 }
 
 // Open loads a GGUF model for the CPU. The file is validated by kvnorm's GGUF
@@ -116,6 +118,7 @@ func (m *Model) Info() ModelInfo { return m.info }
 // safe to call more than once.
 func (m *Model) Close() error {
 	m.mu.Lock()
+	m.closing = true
 	ctxs := make([]*Context, 0, len(m.ctxs))
 	for c := range m.ctxs {
 		ctxs = append(ctxs, c)
@@ -136,7 +139,7 @@ func (m *Model) Close() error {
 
 // live returns the C model, or ErrClosed. The caller holds m.mu.
 func (m *Model) live() error {
-	if m.m == nil {
+	if m.m == nil || m.closing {
 		return fmt.Errorf("%w: model %s", ErrClosed, m.info.Path)
 	}
 	return nil
