@@ -36,11 +36,8 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/ollama/ollama/model"
-
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
-	"github.com/kvnorm/kvnorm/ollama"
 )
 
 // Variable names.
@@ -153,27 +150,5 @@ func CheckServer(goEngine bool) error {
 	default:
 		slog.Warn("kvnorm: KV cache compression is off for this model: it runs on the llama.cpp runner, which kvnorm does not hook; set OLLAMA_NEW_ENGINE=1 to run it on Ollama's Go engine", "policy", p.String())
 	}
-	return nil
-}
-
-// Install is called by the Go-engine runner right after model.New: with
-// compression on, it puts kvnorm's cache in place of the model's. A model
-// kvnorm cannot compress runs with Ollama's own cache and a warning.
-func Install(m model.Model) error {
-	p, err := PolicyFromEnv(nil)
-	if err != nil || p == nil {
-		return err
-	}
-	c, err := ollama.InstallWith(m, ollama.Options{Policy: p, Logger: slog.Default(), Pipelined: true})
-	if errors.Is(err, ollama.ErrUnsupportedModel) {
-		slog.Warn("kvnorm: KV cache compression is off for this model", "error", err)
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	sh := c.CacheShape()
-	slog.Info("kvnorm: cache installed", "arch", m.Backend().Config().Architecture(), "policy", p.String(),
-		"layers", sh.Layers, "kv_heads", sh.KVHeads, "head_dim", sh.HeadDim)
 	return nil
 }

@@ -1,0 +1,34 @@
+//go:build cgo
+
+package kvnormhook
+
+import (
+	"errors"
+	"log/slog"
+
+	"github.com/ollama/ollama/model"
+
+	"github.com/kvnorm/kvnorm/ollama"
+)
+
+// Install is called by the Go-engine runner right after model.New: with
+// compression on, it puts kvnorm's cache in place of the model's. A model
+// kvnorm cannot compress runs with Ollama's own cache and a warning.
+func Install(m model.Model) error {
+	p, err := PolicyFromEnv(nil)
+	if err != nil || p == nil {
+		return err
+	}
+	c, err := ollama.InstallWith(m, ollama.Options{Policy: p, Logger: slog.Default(), Pipelined: true})
+	if errors.Is(err, ollama.ErrUnsupportedModel) {
+		slog.Warn("kvnorm: KV cache compression is off for this model", "error", err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	sh := c.CacheShape()
+	slog.Info("kvnorm: cache installed", "arch", m.Backend().Config().Architecture(), "policy", p.String(),
+		"layers", sh.Layers, "kv_heads", sh.KVHeads, "head_dim", sh.HeadDim)
+	return nil
+}
