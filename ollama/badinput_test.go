@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/ollama/ollama/fs"
@@ -241,4 +242,37 @@ func TestShiftAndCopyPrefixMatchOllama(t *testing.T) {
 		check("copied prefix", 1, ids[20:30])
 		check("source after copy", 0, ids[15:20])
 	})
+}
+
+// A prefix copied from a compressed sequence holds the same cells: both
+// sequences then decode alike. A per-head copy is not compressed again; a
+// per-token one is, since the compressor gets its norms.
+func TestCopyPrefixOfCompressed(t *testing.T) {
+	for _, pol := range []*adapter.Policy{perHead(0.5), perToken(0.5)} {
+		t.Run(pol.Granularity.String(), func(t *testing.T) {
+			s := open(t, Config{Policy: pol, Sequences: 2})
+			ids, err := s.Tokenize(storyPrompt, true)
+			require.NoError(t, err)
+			_, err = s.Decode(0, ids)
+			require.NoError(t, err)
+			require.NoError(t, s.Flush())
+			s.CopyPrefix(0, 1, int32(len(ids)))
+			assert.Equal(t, s.Cache().Usage(0), s.Cache().Usage(1))
+			for i := range 6 {
+				tok := []int32{int32(300 + i)}
+				l0, err := s.Decode(0, tok)
+				require.NoError(t, err)
+				l1, err := s.Decode(1, tok)
+				require.NoError(t, err)
+				require.True(t, slices.Equal(l0, l1), "token %d", i)
+			}
+			_, err = s.Cache().Compress(1, 8)
+			if pol.Granularity == hooks.PerHead {
+				assert.ErrorIs(t, err, hooks.ErrUnknownSequence, "a per-head copy is unmanaged")
+			} else {
+				require.NoError(t, err)
+				assert.Equal(t, 8, s.Cache().Usage(1).Cells[0])
+			}
+		})
+	}
 }
