@@ -22,6 +22,9 @@ type Compressor struct {
 	evictor hooks.PositionEvictor
 	compact hooks.HeadCompactor
 	seqs    map[hooks.SeqID]*Record
+	// busy serialises compressions of one sequence; they run without mu
+	// while the runtime applies a plan.
+	busy    map[hooks.SeqID]*sync.Mutex
 	norms   []float32
 	totals  Totals
 	onStats func(hooks.Stats)
@@ -58,7 +61,7 @@ func New(rt hooks.Runtime, p Policy) (*Compressor, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Compressor{policy: p, shape: shape, entry: entry, seqs: map[hooks.SeqID]*Record{}}
+	c := &Compressor{policy: p, shape: shape, entry: entry, seqs: map[hooks.SeqID]*Record{}, busy: map[hooks.SeqID]*sync.Mutex{}}
 	c.evictor, _ = rt.(hooks.PositionEvictor)
 	c.compact, _ = rt.(hooks.HeadCompactor)
 	switch {
@@ -144,16 +147,9 @@ func (c *Compressor) record(seq hooks.SeqID) (*Record, error) {
 // PrefillDone compresses seq to the policy's budget, unless its prompt is
 // shorter than the policy's MinPrompt.
 func (c *Compressor) PrefillDone(seq hooks.SeqID) (hooks.Stats, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	r, err := c.known(seq)
-	if err != nil {
-		return hooks.Stats{}, err
-	}
-	if r.MaxLaneLen() < c.policy.MinPrompt {
-		return c.skipped(seq, r, hooks.TriggerPrefill), nil
-	}
-	return c.compress(seq, r, -1, false, hooks.TriggerPrefill)
+	return c.run(seq, hooks.TriggerPrefill, func(r *Record) (int, bool, bool, error) {
+		return -1, false, r.MaxLaneLen() < c.policy.MinPrompt, nil
+	})
 }
 
 // CachePressure frees room for incoming tokens of seq when only free cells
@@ -163,42 +159,32 @@ func (c *Compressor) CachePressure(seq hooks.SeqID, free, incoming int) (hooks.S
 	if free < 0 || incoming < 0 {
 		return hooks.Stats{}, fmt.Errorf("adapter: cache pressure on seq %d: free=%d incoming=%d must be >= 0", seq, free, incoming)
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	r, err := c.known(seq)
-	if err != nil {
-		return hooks.Stats{}, err
-	}
-	if incoming <= free {
-		return c.skipped(seq, r, hooks.TriggerPressure), nil
-	}
-	live := r.MaxLaneLen()
-	reserve := c.policy.Reserve
-	if reserve == 0 {
-		reserve = max(1, live/16)
-	}
-	target := live - (incoming - free) - reserve
-	if prot := c.policy.protectedCount(live); target < prot {
-		// Without the reserve it may still fit.
-		target = live - (incoming - free)
-		if target < prot {
-			return hooks.Stats{}, fmt.Errorf("adapter: cache pressure on seq %d: %d incoming tokens need %d cells but only %d are free and %d of %d live positions are protected (sinks %d, window %d)",
-				seq, incoming, incoming-free, free, prot, live, c.policy.Sinks, c.policy.Window)
+	return c.run(seq, hooks.TriggerPressure, func(r *Record) (int, bool, bool, error) {
+		if incoming <= free {
+			return 0, false, true, nil
 		}
-	}
-	return c.compress(seq, r, target, true, hooks.TriggerPressure)
+		live := r.MaxLaneLen()
+		reserve := c.policy.Reserve
+		if reserve == 0 {
+			reserve = max(1, live/16)
+		}
+		target := live - (incoming - free) - reserve
+		if prot := c.policy.protectedCount(live); target < prot {
+			// Without the reserve it may still fit.
+			target = live - (incoming - free)
+			if target < prot {
+				return 0, false, false, fmt.Errorf("adapter: cache pressure on seq %d: %d incoming tokens need %d cells but only %d are free and %d of %d live positions are protected (sinks %d, window %d)",
+					seq, incoming, incoming-free, free, prot, live, c.policy.Sinks, c.policy.Window)
+			}
+		}
+		return target, true, false, nil
+	})
 }
 
 // Compress compresses seq to target positions per head on the application's
 // request; target < 0 uses the policy's budget.
 func (c *Compressor) Compress(seq hooks.SeqID, target int) (hooks.Stats, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	r, err := c.known(seq)
-	if err != nil {
-		return hooks.Stats{}, err
-	}
-	return c.compress(seq, r, target, false, hooks.TriggerExplicit)
+	return c.run(seq, hooks.TriggerExplicit, func(*Record) (int, bool, bool, error) { return target, false, false, nil })
 }
 
 // PlanFor returns the plan Compress(seq, target) would apply, without applying it.
@@ -227,6 +213,7 @@ func (c *Compressor) DropSequence(seq hooks.SeqID) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.seqs, seq)
+	delete(c.busy, seq)
 }
 
 // Live returns the live positions of seq as recorded and the number of live
@@ -274,73 +261,98 @@ func (c *Compressor) baseStats(seq hooks.SeqID, r *Record, t hooks.Trigger) hook
 	}
 }
 
-func (c *Compressor) skipped(seq hooks.SeqID, r *Record, t hooks.Trigger) hooks.Stats {
-	st := c.baseStats(seq, r, t)
-	st.Skipped = true
-	return st
-}
+// run makes one compression of seq: decide gives the target, whether
+// skipped layers are forced, or that nothing is to be done. The plan is made
+// under the lock; the runtime applies it without the lock, since a runtime
+// calls ObserveKeys with its own lock held while it decodes (holding ours
+// across its EvictPositions would invert the lock order); then the evicted
+// positions are forgotten. Compressions of one sequence are serialised.
+func (c *Compressor) run(seq hooks.SeqID, t hooks.Trigger, decide func(r *Record) (target int, force, skip bool, err error)) (hooks.Stats, error) {
+	c.mu.Lock()
+	busy := c.busy[seq]
+	if busy == nil {
+		busy = &sync.Mutex{}
+		c.busy[seq] = busy
+	}
+	c.mu.Unlock()
+	busy.Lock()
+	defer busy.Unlock()
 
-func (c *Compressor) compress(seq hooks.SeqID, r *Record, target int, force bool, t hooks.Trigger) (hooks.Stats, error) {
+	c.mu.Lock()
+	r, err := c.known(seq)
+	if err != nil {
+		c.mu.Unlock()
+		return hooks.Stats{}, err
+	}
 	st := c.baseStats(seq, r, t)
+	target, force, skip, err := decide(r)
+	if err != nil || skip {
+		c.mu.Unlock()
+		st.Skipped = skip
+		return st, err
+	}
 	start := time.Now()
 	plan, err := c.policy.Plan(r, seq, target, force)
 	if err != nil {
+		c.mu.Unlock()
 		return st, err
 	}
+	evicted := r.evicted(plan)
 	st.PlanTime = time.Since(start)
-	if plan.Empty() {
+	c.mu.Unlock()
+	if len(evicted) == 0 {
 		st.Skipped = true
 		return st, nil
 	}
+
 	start = time.Now()
 	if err := c.apply(plan); err != nil {
 		return st, err
 	}
 	st.ApplyTime = time.Since(start)
+
+	c.mu.Lock()
+	if c.seqs[seq] == r {
+		r.drop(evicted)
+	}
 	st.PositionsAfter = len(r.Positions())
-	st.EntriesAfter = r.Entries()
-	st.BytesFreed = (st.EntriesBefore - st.EntriesAfter) * c.entry
+	var freed int64
+	for _, ev := range evicted {
+		freed += int64(len(ev))
+	}
+	st.EntriesAfter = st.EntriesBefore - freed
+	st.BytesFreed = freed * c.entry
 	c.totals.Compressions++
-	c.totals.EntriesFreed += st.EntriesBefore - st.EntriesAfter
+	c.totals.EntriesFreed += freed
 	c.totals.BytesFreed += st.BytesFreed
 	c.totals.PlanTime += st.PlanTime
 	c.totals.ApplyTime += st.ApplyTime
-	if c.onStats != nil {
-		c.onStats(st)
+	onStats := c.onStats
+	c.mu.Unlock()
+	if onStats != nil {
+		onStats(st)
 	}
 	return st, nil
 }
 
-// apply hands the plan to the runtime and, once the runtime has applied it,
-// forgets the evicted positions.
+// apply hands the plan to the runtime.
 func (c *Compressor) apply(plan *Plan) error {
-	r := c.seqs[planSeq(plan)]
 	switch {
 	case plan.Token != nil && c.evictor != nil:
 		if err := c.evictor.EvictPositions(plan.Token.Seq, plan.Token.Evict); err != nil {
 			return fmt.Errorf("adapter: evict %d positions of seq %d: %w", len(plan.Token.Evict), plan.Token.Seq, err)
 		}
-		r.applyToken(plan.Token)
 	case plan.Token != nil:
 		hp := TokenToHeadPlan(plan.Token, c.shape)
 		if err := c.compact.CompactHeads(hp); err != nil {
 			return fmt.Errorf("adapter: compact seq %d: %w", hp.Seq, err)
 		}
-		r.applyToken(plan.Token)
 	default:
 		if err := c.compact.CompactHeads(plan.Head); err != nil {
 			return fmt.Errorf("adapter: compact seq %d: %w", plan.Head.Seq, err)
 		}
-		r.applyHead(plan.Head)
 	}
 	return nil
-}
-
-func planSeq(p *Plan) hooks.SeqID {
-	if p.Token != nil {
-		return p.Token.Seq
-	}
-	return p.Head.Seq
 }
 
 // TokenToHeadPlan expresses a per-token plan as a per-head plan in which every

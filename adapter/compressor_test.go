@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -266,4 +267,51 @@ func TestCompressorConcurrentSequences(t *testing.T) {
 	for s := range 4 {
 		assert.Len(t, rt.Lane(hooks.SeqID(s), 2, 1), 32)
 	}
+}
+
+// lockedRuntime holds its own lock while it decodes (and reports keys) and
+// while it evicts, as llama.cpp's Context does.
+type lockedRuntime struct {
+	mu sync.Mutex
+	*hookstest.Shared
+}
+
+func (l *lockedRuntime) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.Shared.EvictPositions(seq, positions)
+}
+
+// A compression applied while another sequence decodes must not deadlock:
+// the compressor must not hold its lock while the runtime evicts.
+func TestCompressorNoLockOrderInversion(t *testing.T) {
+	rt := &lockedRuntime{Shared: hookstest.NewShared(shape)}
+	c, err := adapter.New(rt, adapter.DefaultPolicy())
+	require.NoError(t, err)
+	rng := rand.New(rand.NewPCG(12, 13))
+	decode(t, rt, c, rng, 0, 0, 64)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r2 := rand.New(rand.NewPCG(14, 15))
+		for from := 0; from < 128; from += 4 {
+			rt.mu.Lock()
+			time.Sleep(200 * time.Microsecond) // a forward pass in progress
+			decode(t, rt, c, r2, 1, from, 4)
+			rt.mu.Unlock()
+		}
+	}()
+	for i := range 30 {
+		decode(t, rt, c, rng, 0, 64+4*i, 4)
+		st, err := c.Compress(0, -1)
+		require.NoError(t, err)
+		require.False(t, st.Skipped)
+	}
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("deadlock: decoding seq 1 and compressing seq 0 wait on each other")
+	}
+	live, _ := c.Live(1)
+	assert.Len(t, live, 128, "seq 1's records are intact")
 }

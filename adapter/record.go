@@ -181,21 +181,55 @@ func (r *Record) Forget(from, to hooks.Pos) {
 	}
 }
 
-// applyToken forgets the positions a token plan evicted.
-func (r *Record) applyToken(p *hooks.TokenPlan) {
-	for i := range r.lanes {
-		r.lanes[i].keepOnly(p.Keep)
+// evicted returns, for every lane a plan changes, the positions it evicts
+// (lane index -> ascending positions), computed against the record as it is.
+func (r *Record) evicted(p *Plan) map[int][]hooks.Pos {
+	out := map[int][]hooks.Pos{}
+	if p.Token != nil {
+		for i := range r.lanes {
+			if len(p.Token.Evict) > 0 {
+				out[i] = p.Token.Evict
+			}
+		}
+		return out
 	}
+	for l, heads := range p.Head.Layers {
+		for h, keep := range heads {
+			i := l*r.shape.KVHeads + h
+			var ev []hooks.Pos
+			k := 0
+			for _, q := range r.lanes[i].pos {
+				for k < len(keep) && keep[k] < q {
+					k++
+				}
+				if k == len(keep) || keep[k] != q {
+					ev = append(ev, q)
+				}
+			}
+			if len(ev) > 0 {
+				out[i] = ev
+			}
+		}
+	}
+	return out
 }
 
-// applyHead forgets what a head plan evicted.
-func (r *Record) applyHead(p *hooks.HeadPlan) {
-	for l, heads := range p.Layers {
-		if heads == nil {
-			continue
+// drop forgets the given positions of each lane (lane index -> ascending
+// positions). Positions recorded after the plan was made are untouched.
+func (r *Record) drop(evicted map[int][]hooks.Pos) {
+	for i, ev := range evicted {
+		l := &r.lanes[i]
+		w, k := 0, 0
+		for j, q := range l.pos {
+			for k < len(ev) && ev[k] < q {
+				k++
+			}
+			if k < len(ev) && ev[k] == q {
+				continue
+			}
+			l.pos[w], l.norm[w] = q, l.norm[j]
+			w++
 		}
-		for h, keep := range heads {
-			r.lane(l, h).keepOnly(keep)
-		}
+		l.pos, l.norm = l.pos[:w], l.norm[:w]
 	}
 }
