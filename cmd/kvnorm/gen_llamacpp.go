@@ -36,7 +36,7 @@ func (e *llamacppEngine) Close() error {
 
 // openLlamacppEngine opens the llama.cpp runtime for the conformance suite:
 // one sequence of o.Context cells (the model's trained context when 0),
-// flash attention on. It does not record attention, so the attention task
+// flash attention on, chunks of a quarter of the cache. It does not record attention, so the attention task
 // reports n/a for it.
 func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	logw := o.Log
@@ -56,7 +56,10 @@ func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	if n <= 0 {
 		n = m.Info().TrainCtx
 	}
-	e, err := llamacpp.NewEngine(m, llamacpp.ContextOptions{NCtx: n, Threads: o.Threads})
+	// Chunks of a quarter of the cache leave room to compress between them
+	// when a prompt outgrows the cache.
+	batch := max(1, min(512, n/4))
+	e, err := llamacpp.NewEngine(m, llamacpp.ContextOptions{NCtx: n, NBatch: batch, Threads: o.Threads})
 	if err != nil {
 		cleanup()
 		return nil, err
