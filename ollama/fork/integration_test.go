@@ -1,4 +1,4 @@
-//go:build cgo
+//go:build cgo && linux
 
 package main
 
@@ -16,8 +16,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -101,7 +103,9 @@ func freePort(t *testing.T) int {
 }
 
 // startServer runs `ollama serve` on a loopback port with the given store
-// and extra environment; it is killed when the test ends.
+// and extra environment. The server runs in its own process group, which
+// also holds the runners it starts; the whole group is killed when the test
+// ends, and the test fails if any of its processes survives.
 func startServer(t *testing.T, bin, models string, extra ...string) *server {
 	t.Helper()
 	host := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -117,10 +121,18 @@ func startServer(t *testing.T, bin, models string, extra ...string) *server {
 	log := &syncBuffer{}
 	cmd := exec.Command(bin, "serve")
 	cmd.Env, cmd.Stdout, cmd.Stderr = env, log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	require.NoError(t, cmd.Start())
+	pgid := cmd.Process.Pid
 	t.Cleanup(func() {
-		cmd.Process.Kill()
+		// SIGKILL to the group: the server and every runner it started.
+		if err := syscall.Kill(-pgid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			t.Errorf("kill process group %d: %v", pgid, err)
+		}
 		cmd.Wait()
+		if left := waitGroupGone(pgid, 10*time.Second); len(left) > 0 {
+			t.Errorf("processes of the server's group %d survive the test: %s", pgid, strings.Join(left, "; "))
+		}
 		if t.Failed() {
 			t.Logf("server %s log:\n%s", host, log.String())
 		}
@@ -140,6 +152,61 @@ func startServer(t *testing.T, bin, models string, extra ...string) *server {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// groupMembers lists the live (not zombie) processes of process group pgid
+// as "pid cmdline", from /proc.
+func groupMembers(pgid int) []string {
+	dirs, _ := os.ReadDir("/proc")
+	var out []string
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))
+		if err != nil {
+			continue // gone meanwhile
+		}
+		// pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+		rest := string(b)
+		if i := strings.LastIndexByte(rest, ')'); i >= 0 {
+			rest = rest[i+1:]
+		}
+		f := strings.Fields(rest)
+		if len(f) < 3 || f[0] == "Z" || f[0] == "X" || f[2] != strconv.Itoa(pgid) {
+			continue
+		}
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		out = append(out, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")))
+	}
+	return out
+}
+
+// waitGroupGone waits until process group pgid has no live process and
+// returns those still alive at the deadline.
+func waitGroupGone(pgid int, timeout time.Duration) []string {
+	deadline := time.Now().Add(timeout)
+	for {
+		left := groupMembers(pgid)
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// hookLines returns the log lines written by kvnorm's hooks and cache: their
+// messages all start with "kvnorm:" (the version string "0.24.0-kvnorm" is
+// not one of them).
+func hookLines(log string) []string {
+	var out []string
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, `msg="kvnorm:`) || strings.Contains(l, "kvnorm: ") {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 func (s *server) generate(t *testing.T, model, prompt string, options map[string]any) (string, error) {
@@ -212,8 +279,9 @@ func TestOllamaFork(t *testing.T) {
 		text, err := s.generate(t, "stories", prompt, opts)
 		require.NoError(t, err)
 		assert.Equal(t, strings.TrimSpace(expected(t, gguf, prompt, nil, 32)), strings.TrimSpace(text))
-		assert.NotContains(t, s.log.String(), "kvnorm:", "unset means upstream behaviour")
+		assert.Empty(t, hookLines(s.log.String()), "unset means upstream behaviour: no kvnorm hook logs")
 		assert.Contains(t, s.log.String(), "starting ollama engine")
+		assert.Contains(t, s.log.String(), "0.24.0-kvnorm", "the server is kvnorm's build")
 	})
 
 	t.Run("on", func(t *testing.T) {
@@ -222,6 +290,7 @@ func TestOllamaFork(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, strings.TrimSpace(expected(t, gguf, prompt, &pol, 32)), strings.TrimSpace(text))
 		log := s.log.String()
+		assert.NotEmpty(t, hookLines(log))
 		assert.Contains(t, log, "kvnorm: KV cache compression on")
 		assert.Contains(t, log, "kvnorm: cache installed")
 		assert.Contains(t, log, "kvnorm: compressed")
