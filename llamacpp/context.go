@@ -96,8 +96,8 @@ import (
 // Context is a llama.cpp context (its KV cache and compute state) on a Model,
 // holding one or more sequences. It implements hooks.PositionEvictor, so a
 // compressor from adapter.New(ctx, policy) can evict its cells; attach one
-// with EnableCompression (or SetObserver) and every decode streams each
-// layer's post-RoPE keys to it through llama.cpp's cb_eval.
+// with EnableCompression (or SetObserver) and every decode reports each
+// layer's post-RoPE key norms to it, read through llama.cpp's cb_eval.
 //
 // Its methods are safe for concurrent use; llama.cpp calls are serialized.
 // Close frees the C context and is safe to call twice.
@@ -118,11 +118,15 @@ type Context struct {
 	obs      hooks.Observer
 	observed bool // obs is set: keys are streamed during decodes
 
-	// The batch being decoded, for the callback, and what it reports.
+	// The batch being decoded, for the callback, and what it records: the
+	// per-head key norms of each layer, reported to the observer once
+	// llama_decode has returned and c.mu is released.
 	curSeqs  []hooks.SeqID
 	curPos   []hooks.Pos
 	decoding bool // inside our own llama_decode: tensors belong to curPos
 	keyBuf   []float32
+	norms    [][]float32 // per layer, [tokens][kv heads]
+	seen     []bool      // per layer: its keys arrived in this decode
 	cbErr    error
 
 	live []posSet // per sequence
@@ -216,6 +220,8 @@ func (m *Model) NewContext(o ContextOptions) (*Context, error) {
 	c.nBatch = min(int(C.llama_n_batch(c.c)), int(C.llama_n_ubatch(c.c)))
 	c.batch = C.llama_batch_init(C.int32_t(c.nBatch), 0, 1)
 	c.shape, c.cellBytes = c.cacheShape()
+	c.norms = make([][]float32, c.shape.Layers)
+	c.seen = make([]bool, c.shape.Layers)
 	m.ctxs[c] = struct{}{}
 	return c, nil
 }
@@ -550,8 +556,16 @@ func (c *Context) DecodeOutputs(seq hooks.SeqID, tokens []Token, outputs []int) 
 		if err := c.makeRoom(seq, end-start); err != nil {
 			return nil, err
 		}
-		if err := c.decodeChunk(seq, tokens[start:end], start, want, out); err != nil {
+		batches, obs, err := c.decodeChunk(seq, tokens[start:end], start, want, out)
+		if err != nil {
 			return nil, err
+		}
+		// The observer is called without c.mu: it may evict through
+		// EvictPositions, which takes c.mu (lock order: observer, then c.mu).
+		for _, b := range batches {
+			if err := obs.ObserveKeys(b); err != nil {
+				return nil, fmt.Errorf("llamacpp: seq %d: recording keys of layer %d: %w", seq, b.Layer, err)
+			}
 		}
 	}
 	return out, nil
@@ -587,20 +601,27 @@ func (c *Context) makeRoom(seq hooks.SeqID, n int) error {
 }
 
 // decodeChunk decodes at most one batch of tokens of one sequence (one
-// llama.cpp ubatch, so the callback's tensors are exactly this batch).
-func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) error {
+// llama.cpp ubatch, so the callback's tensors are exactly this batch). It
+// returns the key norms the callback recorded, one batch per layer, for the
+// caller to hand to obs once c.mu is released.
+func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) ([]*hooks.KeyBatch, hooks.Observer, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.liveLocked(); err != nil {
-		return err
+		return nil, nil, err
 	}
+	batches, err := c.decodeLocked(seq, toks, offset, want, out)
+	return batches, c.obs, err
+}
+
+func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) ([]*hooks.KeyBatch, error) {
 	set := &c.live[seq]
 	next := hooks.Pos(C.llama_memory_seq_pos_max(c.mem, C.llama_seq_id(seq))) + 1
 	if m := set.max(); m+1 > next {
 		next = m + 1
 	}
 	if int64(next)+int64(len(toks)) > math.MaxInt32 {
-		return fmt.Errorf("%w: seq %d: positions overflow int32", ErrBadInput, seq)
+		return nil, fmt.Errorf("%w: seq %d: positions overflow int32", ErrBadInput, seq)
 	}
 	n := len(toks)
 	b := &c.batch
@@ -625,17 +646,18 @@ func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want ma
 		c.curPos[i] = next + hooks.Pos(i)
 	}
 	c.cbErr = nil
+	clear(c.seen)
 	c.decoding = true
 	rc := C.llama_decode(c.c, c.batch)
 	c.decoding = false
 	if rc != 0 {
-		return decodeError(int(rc), fmt.Sprintf("seq %d, %d tokens at position %d", seq, n, next))
+		return nil, decodeError(int(rc), fmt.Sprintf("seq %d, %d tokens at position %d", seq, n, next))
 	}
 	for i := range toks {
 		set.add(next + hooks.Pos(i))
 	}
 	if c.cbErr != nil {
-		return fmt.Errorf("llamacpp: seq %d: recording keys: %w", seq, c.cbErr)
+		return nil, fmt.Errorf("llamacpp: seq %d: recording keys: %w", seq, c.cbErr)
 	}
 	for i := range toks {
 		slots, ok := want[offset+i]
@@ -644,20 +666,37 @@ func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want ma
 		}
 		p := C.llama_get_logits_ith(c.c, C.int32_t(i))
 		if p == nil {
-			return &CError{Func: "llama_get_logits_ith", Code: i, Msg: "no logits", Err: ErrDecode}
+			return nil, &CError{Func: "llama_get_logits_ith", Code: i, Msg: "no logits", Err: ErrDecode}
 		}
 		row := slices.Clone(unsafe.Slice((*float32)(unsafe.Pointer(p)), c.model.info.Vocab))
 		for _, k := range slots {
 			out[k] = row
 		}
 	}
-	return nil
+	if c.obs == nil {
+		return nil, nil
+	}
+	batches := make([]*hooks.KeyBatch, 0, c.shape.Layers)
+	for l := range c.shape.Layers {
+		if !c.seen[l] {
+			return nil, fmt.Errorf("%w: seq %d: no post-RoPE keys of layer %d in the graph (kvnorm looks for the ROPE node named Kcur-%d; %s may name it otherwise)",
+				hooks.ErrUnsupported, seq, l, l, c.model.info.Arch)
+		}
+		batches = append(batches, &hooks.KeyBatch{
+			Layer: l, Seqs: slices.Clone(c.curSeqs), Positions: slices.Clone(c.curPos),
+			Norms: slices.Clone(c.norms[l][:n*c.shape.KVHeads]),
+		})
+	}
+	return batches, nil
 }
 
 // observeTensor is called by the cb_eval callback (on the goroutine running
 // llama_decode, with c.mu held) with a computed "Kcur-N" ROPE tensor: it
-// copies the keys out and hands them to the observer. Errors are kept for
-// decodeChunk to report; the graph always runs to the end.
+// copies the keys into a reused buffer and reduces them to per-head L2 norms
+// (kernels.Norms, as the compressor would). The observer gets them after
+// llama_decode returns, from DecodeOutputs without c.mu: calling it here,
+// under c.mu, could deadlock with a compression that evicts. Errors are kept
+// for decodeLocked to report; the graph always runs to the end.
 func (c *Context) observeTensor(t unsafe.Pointer) {
 	if !c.decoding || c.cbErr != nil || c.obs == nil {
 		return // a llama_decode through Raw: its batch is unknown here
@@ -682,14 +721,15 @@ func (c *Context) observeTensor(t unsafe.Pointer) {
 		c.cbErr = fmt.Errorf("%w: layer %d: key tensor of %d bytes, want %d", hooks.ErrBadBatch, d.layer, d.nbytes, 4*elems)
 		return
 	}
+	l := int(d.layer)
 	c.keyBuf = slices.Grow(c.keyBuf[:0], elems)[:elems]
 	C.ggml_backend_tensor_get((*C.struct_ggml_tensor)(t), unsafe.Pointer(&c.keyBuf[0]), 0, C.size_t(4*elems))
-	err := c.obs.ObserveKeys(&hooks.KeyBatch{
-		Layer: int(d.layer), Seqs: c.curSeqs, Positions: c.curPos, DType: kernels.F32, Keys: hooks.F32Bytes(c.keyBuf),
-	})
-	if err != nil {
-		c.cbErr = err
+	c.norms[l] = slices.Grow(c.norms[l][:0], n*sh.KVHeads)[:n*sh.KVHeads]
+	if err := kernels.NormsF32(c.norms[l], c.keyBuf, sh.HeadDim); err != nil {
+		c.cbErr = fmt.Errorf("%w: layer %d: %w", hooks.ErrBadBatch, l, err)
+		return
 	}
+	c.seen[l] = true
 }
 
 // Prompt decodes a prompt into seq (in chunks, compressing between chunks

@@ -21,9 +21,11 @@
 //	  llama_decode
 //	    cb_eval (C) asks for the ROPE node "Kcur-N" of every layer N
 //	    -> kvnormObserveKeys (Go) copies it with ggml_backend_tensor_get
-//	       ([head_dim, n_kv_heads, n_tokens] f32) into a reused buffer
-//	    -> observer.ObserveKeys(layer, seqs and positions of the chunk)
-//	       (the compressor keeps norms, never keys)
+//	       ([head_dim, n_kv_heads, n_tokens] f32) into a reused buffer and
+//	       reduces it to per-head L2 norms (kernels.NormsF32)
+//	  observer.ObserveKeys(layer, norms, seqs and positions of the chunk),
+//	    once llama_decode has returned and the context lock is released
+//	    (the observer may evict, which takes that lock)
 //	Prompt/Generate: after the prompt -> observer.PrefillDone -> plan -> evict
 //
 // Eviction is per token (llama.cpp cells hold every layer and head of a
