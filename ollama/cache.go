@@ -50,6 +50,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Arch names the model architecture in messages.
 	Arch string
+	// Observe computes key norms even without a policy, for an observer set
+	// later with SetObserver (Engine).
+	Observe bool
 }
 
 // Cache is a kvcache.Cache whose every KV head can hold its own set of
@@ -76,6 +79,10 @@ type Cache struct {
 	shape  hooks.CacheShape
 	comp   *adapter.Compressor
 	noComp error // why compression is off although a policy was given
+	// ext, when set (SetObserver), receives the key norms, cache pressure
+	// and forgotten positions instead of comp; its owner (Engine) reports
+	// the end of a prompt itself.
+	ext hooks.Observer
 
 	backend  ml.Backend
 	dtype    ml.DType
@@ -182,6 +189,27 @@ func (c *Cache) CacheShape() hooks.CacheShape { return c.shape }
 // Compressor returns the compressor, or nil when the cache does not compress.
 func (c *Cache) Compressor() *adapter.Compressor { return c.comp }
 
+// SetObserver makes the cache report key norms, cache pressure and removed
+// positions to o instead of its own compressor; nil goes back to the
+// compressor (if any). While o is set the cache does not detect the end of
+// a prompt: its owner calls o.PrefillDone (see Engine). Norms are computed
+// only by a cache built with a policy or Options.Observe.
+func (c *Cache) SetObserver(o hooks.Observer) { c.ext = o }
+
+// observer returns where norms and events go, or nil.
+func (c *Cache) observer() hooks.Observer {
+	if c.ext != nil {
+		return c.ext
+	}
+	if c.comp != nil {
+		return c.comp
+	}
+	return nil
+}
+
+// tracking reports whether key norms are computed and read back.
+func (c *Cache) tracking() bool { return c.comp != nil || c.opts.Observe }
+
 // CompressionError says why a cache built with a policy does not compress
 // (nil when it does, or when it has no policy).
 func (c *Cache) CompressionError() error { return c.noComp }
@@ -234,15 +262,17 @@ func (c *Cache) Init(backend ml.Backend, dtype ml.DType, maxSequences, capacity,
 	c.total = maxSequences * slab
 	c.lay = newLayout(c.opts.Layers, c.opts.KVHeads, maxSequences, slab, capacity)
 	c.shape.Capacity = capacity
+	kt, kerr := kernelDType(dtype)
+	if kerr == nil {
+		c.shape.KType, c.shape.VType = kt, kt
+	}
 	if c.opts.Policy == nil {
 		return
 	}
-	kt, err := kernelDType(dtype)
-	if err != nil {
-		c.disable(err)
+	if kerr != nil {
+		c.disable(kerr)
 		return
 	}
-	c.shape.KType, c.shape.VType = kt, kt
 	comp, err := adapter.New(c, *c.opts.Policy)
 	if err != nil {
 		c.disable(err)
@@ -359,7 +389,7 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 	}
 	c.batches++
 	c.cur.buf = int(c.batches % 2)
-	if c.comp != nil {
+	if c.tracking() {
 		pb := &pendingBatch{id: c.batches, buf: c.cur.buf, layers: make([]bool, c.opts.Layers)}
 		for j, seq := range batch.Sequences {
 			if !c.lay.seqs[seq].unmanaged {
@@ -495,7 +525,7 @@ func (c *Cache) alloc(layer, kDim, vDim, kvHeads int) {
 	} else {
 		c.values[layer] = ctx.Zeros(c.dtype, vDim, c.total, kvHeads)
 	}
-	if c.comp != nil {
+	if c.tracking() {
 		c.norms[layer] = []ml.Tensor{
 			ctx.Zeros(ml.DTypeF32, kvHeads*max(c.maxBatch, 1)),
 			ctx.Zeros(ml.DTypeF32, kvHeads*max(c.maxBatch, 1)),
@@ -526,7 +556,7 @@ func (c *Cache) Put(ctx ml.Context, key, value ml.Tensor) {
 		ctx.Forward(values.SetRows(ctx, value.Permute(ctx, 0, 2, 1, 3), locs))
 	}
 
-	if c.comp != nil {
+	if c.tracking() {
 		k := key
 		if k.DType() != ml.DTypeF32 {
 			k = k.Cast(ctx, ml.DTypeF32)
@@ -637,7 +667,8 @@ func (c *Cache) barrier() {
 
 // observe reports the norms of one computed batch.
 func (c *Cache) observe(pb *pendingBatch) error {
-	if c.comp == nil || len(pb.entries) == 0 {
+	obs := c.observer()
+	if obs == nil || len(pb.entries) == 0 {
 		return nil
 	}
 	h := c.opts.KVHeads
@@ -656,7 +687,7 @@ func (c *Cache) observe(pb *pendingBatch) error {
 		for j, e := range pb.entries {
 			copy(norms[j*h:(j+1)*h], all[e.row*h:(e.row+1)*h])
 		}
-		if err := c.comp.ObserveKeys(&hooks.KeyBatch{Layer: l, Seqs: seqs, Positions: pos, Norms: norms}); err != nil {
+		if err := obs.ObserveKeys(&hooks.KeyBatch{Layer: l, Seqs: seqs, Positions: pos, Norms: norms}); err != nil {
 			if err := c.fail(fmt.Errorf("ollama: report key norms of layer %d: %w", l, err)); err != nil {
 				return err
 			}
@@ -771,7 +802,7 @@ func (c *Cache) fail(err error) error {
 
 func (c *Cache) prefillDone(seq int, s *seqCells) error {
 	s.prefill = false
-	if c.comp == nil || s.unmanaged {
+	if c.comp == nil || c.ext != nil || s.unmanaged {
 		return nil
 	}
 	if _, err := c.comp.PrefillDone(hooks.SeqID(seq)); err != nil {
@@ -784,10 +815,11 @@ func (c *Cache) prefillDone(seq int, s *seqCells) error {
 }
 
 func (c *Cache) pressure(seq int, s *seqCells, free, incoming int) error {
-	if c.comp == nil || s.unmanaged {
+	obs := c.observer()
+	if obs == nil || s.unmanaged {
 		return nil
 	}
-	if _, err := c.comp.CachePressure(hooks.SeqID(seq), free, incoming); err != nil {
+	if _, err := obs.CachePressure(hooks.SeqID(seq), free, incoming); err != nil {
 		if errors.Is(err, hooks.ErrUnknownSequence) {
 			return nil
 		}
@@ -933,10 +965,13 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 			return fmt.Errorf("ollama: seq %d: %w", seq, err)
 		}
 		c.editPending(seq, begin, end)
-		if c.comp != nil {
-			c.comp.Forget(hooks.SeqID(seq), begin, -1)
+		if obs := c.observer(); obs != nil {
+			obs.Forget(hooks.SeqID(seq), begin, -1)
 		}
 		return nil
+	}
+	if c.ext != nil && !s.unmanaged {
+		return fmt.Errorf("%w: seq %d: kvnorm does not shift the context of a sequence an observer tracks", kvcache.ErrNotSupported, seq)
 	}
 	if c.comp != nil && !s.unmanaged {
 		if _, entries := c.comp.Live(hooks.SeqID(seq)); entries > 0 || c.hasPending(seq) {
@@ -1036,6 +1071,9 @@ func (c *Cache) clearSeq(seq int) {
 	c.copies = slices.DeleteFunc(c.copies, func(op copyOp) bool { return op.dst == s.slab })
 	c.lay.free(seq)
 	c.editPending(seq, 0, math.MaxInt32)
+	if c.ext != nil {
+		c.ext.Forget(hooks.SeqID(seq), 0, -1)
+	}
 	if c.comp != nil {
 		c.comp.DropSequence(hooks.SeqID(seq))
 	}
@@ -1071,6 +1109,11 @@ func (c *Cache) CopyPrefix(srcSeq, dstSeq int, length int32) {
 		}
 	}
 	c.copies = append(c.copies, op)
+	if c.ext != nil {
+		// The observer's record is not ours to copy.
+		dst.unmanaged = true
+		return
+	}
 	if c.comp == nil {
 		return
 	}

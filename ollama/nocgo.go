@@ -5,6 +5,8 @@ package ollama
 import (
 	"context"
 	"errors"
+
+	"github.com/kvnorm/kvnorm/hooks"
 )
 
 // ErrNoCgo is returned by Open in a build without cgo: Ollama's engine is
@@ -42,3 +44,52 @@ func (s *Session) Flush() error { return ErrNoCgo }
 func (s *Session) Generate(ctx context.Context, seq int, prompt []int32, n int, o GenerateOptions) (*Generation, error) {
 	return nil, ErrNoCgo
 }
+
+// Engine is unavailable without cgo; see ErrNoCgo.
+type Engine struct{}
+
+var _ hooks.Engine = (*Engine)(nil)
+
+// OpenEngine returns ErrNoCgo.
+func OpenEngine(path string, cfg Config) (*Engine, error) { return nil, ErrNoCgo }
+
+// SetModelName does nothing.
+func (e *Engine) SetModelName(name string) {}
+
+// Info returns the runtime's name.
+func (e *Engine) Info() hooks.EngineInfo { return hooks.EngineInfo{Runtime: "ollama"} }
+
+// CacheShape returns the zero shape.
+func (e *Engine) CacheShape() hooks.CacheShape { return hooks.CacheShape{} }
+
+// Tokenize returns ErrNoCgo.
+func (e *Engine) Tokenize(text string, addBOS bool) ([]int32, error) { return nil, ErrNoCgo }
+
+// Detokenize returns ErrNoCgo.
+func (e *Engine) Detokenize(tokens []int32) (string, error) { return "", ErrNoCgo }
+
+// SetObserver does nothing.
+func (e *Engine) SetObserver(o hooks.Observer) {}
+
+// Prefill returns ErrNoCgo.
+func (e *Engine) Prefill(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, error) {
+	return nil, ErrNoCgo
+}
+
+// Decode returns ErrNoCgo.
+func (e *Engine) Decode(seq hooks.SeqID, tokens []int32) ([][]float32, error) { return nil, ErrNoCgo }
+
+// CompactHeads returns ErrNoCgo.
+func (e *Engine) CompactHeads(plan *hooks.HeadPlan) error { return ErrNoCgo }
+
+// EvictPositions returns ErrNoCgo.
+func (e *Engine) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error { return ErrNoCgo }
+
+// Live returns ErrNoCgo.
+func (e *Engine) Live(seq hooks.SeqID) (int, int64, error) { return 0, 0, ErrNoCgo }
+
+// RemoveSequence returns ErrNoCgo.
+func (e *Engine) RemoveSequence(seq hooks.SeqID) error { return ErrNoCgo }
+
+// Close does nothing.
+func (e *Engine) Close() error { return nil }

@@ -39,6 +39,9 @@ type Config struct {
 	Pipelined bool
 	// Logger receives compression lines; nil discards them.
 	Logger *slog.Logger
+	// Observe computes key norms for an observer attached later with
+	// Cache.SetObserver (Engine does), with or without a policy.
+	Observe bool
 }
 
 // ParseCacheType maps a KV cache type name to Ollama's dtype.

@@ -74,7 +74,7 @@ func Open(path string, cfg Config) (*Session, error) {
 		return nil, err
 	}
 	if !cfg.Upstream {
-		c, err := InstallWith(m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined})
+		c, err := InstallWith(m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined, Observe: cfg.Observe})
 		if err != nil {
 			return fail(err)
 		}
@@ -139,10 +139,11 @@ func (s *Session) Cache() *Cache { return s.cache }
 func (s *Session) Architecture() string { return s.m.Backend().Config().Architecture() }
 
 // Tokenize encodes text, with BOS when bos is set and the model adds one.
-// SentencePiece vocabularies get the leading space llama.cpp adds, so both
-// runtimes give the same ids.
+// SentencePiece vocabularies get the leading space llama.cpp adds to any
+// non-empty text (also to one that starts with a space), so both runtimes
+// give the same ids.
 func (s *Session) Tokenize(text string, bos bool) ([]int32, error) {
-	if s.spacePrefix && !strings.HasPrefix(text, " ") {
+	if s.spacePrefix && text != "" {
 		text = " " + text
 	}
 	return s.tok.Encode(text, bos)
@@ -212,6 +213,20 @@ func (s *Session) decode(seq int, tokens []int32) ([]float32, error) {
 }
 
 func (s *Session) forward(seq int, chunk []int32, output bool) ([]float32, error) {
+	var outs []int32
+	if output {
+		outs = []int32{int32(len(chunk) - 1)}
+	}
+	rows, err := s.forwardRows(seq, chunk, outs)
+	if err != nil || !output {
+		return nil, err
+	}
+	return rows[0], nil
+}
+
+// forwardRows decodes chunk into seq in one forward pass and returns the
+// logits of the chunk's tokens at the indices outs (ascending).
+func (s *Session) forwardRows(seq int, chunk []int32, outs []int32) ([][]float32, error) {
 	ctx := s.m.Backend().NewContext()
 	defer ctx.Close()
 	n := len(chunk)
@@ -224,9 +239,8 @@ func (s *Session) forward(seq int, chunk []int32, output bool) ([]float32, error
 		b.Positions[i] = s.next[seq] + int32(i)
 		b.Sequences[i] = seq
 	}
-	outs := []int32{}
-	if output {
-		outs = append(outs, int32(n-1))
+	if outs == nil {
+		outs = []int32{}
 	}
 	b.Outputs = ctx.Input().FromInts(outs, len(outs))
 	ctx.SetBatchSize(n)
@@ -236,10 +250,19 @@ func (s *Session) forward(seq int, chunk []int32, output bool) ([]float32, error
 	}
 	ctx.Forward(t).Compute(t)
 	s.next[seq] += int32(n)
-	if !output {
+	if len(outs) == 0 {
 		return nil, nil
 	}
-	return t.Floats(), nil
+	flat := t.Floats()
+	if len(flat)%len(outs) != 0 {
+		return nil, fmt.Errorf("ollama: forward seq %d: %d logits for %d outputs", seq, len(flat), len(outs))
+	}
+	vocab := len(flat) / len(outs)
+	rows := make([][]float32, len(outs))
+	for i := range rows {
+		rows[i] = flat[i*vocab : (i+1)*vocab : (i+1)*vocab]
+	}
+	return rows, nil
 }
 
 // Flush reports the norms of the last forward pass and applies pending

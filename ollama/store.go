@@ -1,15 +1,19 @@
 package ollama
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/ollama/ollama/types/model"
+
+	"github.com/kvnorm/kvnorm/gguf"
 )
 
 // ErrModelNotFound is wrapped by ResolveModel's error for a name that is not
@@ -51,14 +55,23 @@ func ResolveModel(name string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("ollama: model %s: %w", name, err)
 	}
+	blob, _, err := weightsBlob(dir, b)
+	if err != nil {
+		return "", fmt.Errorf("ollama: model %s: manifest %s: %w", name, manifest, err)
+	}
+	return blob, nil
+}
+
+// weightsBlob returns the path and size of the GGUF blob a manifest names.
+func weightsBlob(store string, manifest []byte) (string, int64, error) {
 	var m struct {
 		Layers []struct {
 			MediaType string `json:"mediaType"`
 			Digest    string `json:"digest"`
 		} `json:"layers"`
 	}
-	if err := json.Unmarshal(b, &m); err != nil {
-		return "", fmt.Errorf("ollama: model %s: manifest %s: %w", name, manifest, err)
+	if err := json.Unmarshal(manifest, &m); err != nil {
+		return "", 0, err
 	}
 	for _, l := range m.Layers {
 		if l.MediaType != mediaTypeModel {
@@ -66,13 +79,87 @@ func ResolveModel(name string) (string, error) {
 		}
 		hex, ok := strings.CutPrefix(l.Digest, "sha256:")
 		if !ok || len(hex) != 64 || strings.Trim(hex, "0123456789abcdef") != "" {
-			return "", fmt.Errorf("ollama: model %s: manifest %s: bad digest %q", name, manifest, l.Digest)
+			return "", 0, fmt.Errorf("bad digest %q", l.Digest)
 		}
-		blob := filepath.Join(dir, "blobs", "sha256-"+hex)
-		if _, err := os.Stat(blob); err != nil {
-			return "", fmt.Errorf("ollama: model %s: weights blob: %w", name, err)
+		blob := filepath.Join(store, "blobs", "sha256-"+hex)
+		st, err := os.Stat(blob)
+		if err != nil {
+			return "", 0, fmt.Errorf("weights blob: %w", err)
 		}
-		return blob, nil
+		return blob, st.Size(), nil
 	}
-	return "", fmt.Errorf("ollama: model %s: manifest %s has no %s layer", name, manifest, mediaTypeModel)
+	return "", 0, fmt.Errorf("has no %s layer", mediaTypeModel)
+}
+
+// supportedArchs are the text architectures of Ollama v0.24.0 whose cache
+// is a plain causal cache of keys per KV head, which kvnorm's cache replaces
+// (and which llama.cpp runs too).
+var supportedArchs = map[string]bool{"llama": true, "qwen2": true, "qwen3": true, "mistral3": true}
+
+// LocalModel is a model of the local Ollama store.
+type LocalModel struct {
+	// Name is the shortest name Ollama accepts, e.g. "llama3.2:1b".
+	Name string
+	// Path is the GGUF blob and Size its size in bytes.
+	Path string
+	Size int64
+	// Arch is the GGUF's general.architecture ("" when unreadable).
+	Arch string
+	// Supported is set for architectures kvnorm's Ollama cache replaces
+	// (llama, qwen2, qwen3, mistral3).
+	Supported bool
+}
+
+// LocalModels lists the models of the local Ollama store (StoreDir) that
+// have a GGUF weights blob, smallest first (then by name). Manifests that
+// cannot be read are left out; a missing store is an empty list.
+func LocalModels() ([]LocalModel, error) {
+	dir, err := StoreDir()
+	if err != nil {
+		return nil, err
+	}
+	root := filepath.Join(dir, "manifests")
+	var out []LocalModel
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if p == root && errors.Is(err, fs.ErrNotExist) {
+				return fs.SkipAll
+			}
+			return nil // unreadable entries are skipped
+		}
+		if d.IsDir() {
+			return nil
+		}
+		rel, err := filepath.Rel(root, p)
+		if err != nil {
+			return nil
+		}
+		n := model.ParseNameFromFilepath(rel)
+		if !n.IsValid() {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil
+		}
+		blob, size, err := weightsBlob(dir, b)
+		if err != nil {
+			return nil
+		}
+		lm := LocalModel{Name: n.DisplayShortest(), Path: blob, Size: size}
+		if f, err := gguf.Open(blob); err == nil {
+			lm.Arch, _ = gguf.Get[string](f, "general.architecture")
+			f.Close()
+		}
+		lm.Supported = supportedArchs[lm.Arch]
+		out = append(out, lm)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	slices.SortFunc(out, func(a, b LocalModel) int {
+		return cmp.Or(cmp.Compare(a.Size, b.Size), cmp.Compare(a.Name, b.Name))
+	})
+	return out, nil
 }

@@ -10,18 +10,80 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/hooks"
 	"github.com/kvnorm/kvnorm/llama2c"
 	"github.com/kvnorm/kvnorm/ollama"
 )
 
 func init() {
 	generators["ollama"] = generateOllama
+	engines["ollama"] = openOllamaEngine
+	localOllamaModel = smallestOllamaModel
+}
+
+// smallestOllamaModel returns the smallest model of the local Ollama store
+// whose architecture kvnorm's Ollama cache supports (and llama.cpp runs), or
+// "" when there is none.
+func smallestOllamaModel() (name, path string) {
+	ms, err := ollama.LocalModels()
+	if err != nil {
+		return "", ""
+	}
+	for _, m := range ms {
+		if m.Supported {
+			return m.Name, m.Path
+		}
+	}
+	return "", ""
+}
+
+// ollamaEngine is an ollama.Engine that removes its temporary GGUF file (a
+// converted llama2.c checkpoint) when closed.
+type ollamaEngine struct {
+	*ollama.Engine
+	cleanup func()
+}
+
+func (e *ollamaEngine) Close() error {
+	err := e.Engine.Close()
+	e.cleanup()
+	return err
+}
+
+// openOllamaEngine opens Ollama's Go engine with kvnorm's cache for the
+// conformance suite and the demo: one sequence of o.Context cells (the
+// model's trained context, at most ollama.EngineMaxContext, when 0), an f16
+// cache and flash attention on, as the llama.cpp engine. It applies per-head
+// and per-token plans (hooks.HeadCompactor, hooks.PositionEvictor); it does
+// not record attention, so the attention task reports n/a for it.
+func openOllamaEngine(o conformance.EngineOptions) (hooks.Engine, error) {
+	logw := o.Log
+	if logw == nil {
+		logw = io.Discard
+	}
+	path, cleanup, err := ollamaModelPath(o.Model, o.Tokenizer, logw)
+	if err != nil {
+		return nil, err
+	}
+	// Ollama's engine logs through slog's default logger (model loading):
+	// keep only its warnings, on the log writer. The engine is used from one
+	// goroutine at a time, so the default logger is not restored.
+	slog.SetDefault(slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	e, err := ollama.OpenEngine(path, ollama.Config{Context: o.Context, Threads: o.Threads, FlashAttention: true,
+		Logger: slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		cleanup()
+		return nil, err
+	}
+	e.SetModelName(o.Model)
+	return &ollamaEngine{Engine: e, cleanup: cleanup}, nil
 }
 
 // generateOllama runs `kvnorm generate --runtime ollama`: Ollama's Go engine
 // with kvnorm's cache, per-head (the paper) or per-token.
 func generateOllama(ctx context.Context, o generateOptions) (*generateResult, error) {
-	path, cleanup, err := ollamaModelPath(o)
+	path, cleanup, err := ollamaModelPath(o.Model, o.Tokenizer, o.Log)
 	if err != nil {
 		return nil, err
 	}
@@ -83,15 +145,15 @@ func generateOllama(ctx context.Context, o generateOptions) (*generateResult, er
 // ollamaModelPath returns the GGUF file to load for --model: a GGUF file, a
 // llama2.c checkpoint converted to a temporary GGUF (with --tokenizer), or an
 // Ollama model name resolved in the local store.
-func ollamaModelPath(o generateOptions) (path string, cleanup func(), err error) {
+func ollamaModelPath(modelArg, tokenizer string, logw io.Writer) (path string, cleanup func(), err error) {
 	cleanup = func() {}
-	f, err := os.Open(o.Model)
+	f, err := os.Open(modelArg)
 	if errors.Is(err, fs.ErrNotExist) {
-		p, rerr := ollama.ResolveModel(o.Model)
+		p, rerr := ollama.ResolveModel(modelArg)
 		if rerr != nil {
-			return "", cleanup, fmt.Errorf("--model %q: no such file, and %w", o.Model, rerr)
+			return "", cleanup, fmt.Errorf("--model %q: no such file, and %w", modelArg, rerr)
 		}
-		fmt.Fprintf(o.Log, "model %s: %s\n", o.Model, p)
+		fmt.Fprintf(logw, "model %s: %s\n", modelArg, p)
 		return p, cleanup, nil
 	}
 	if err != nil {
@@ -101,20 +163,20 @@ func ollamaModelPath(o generateOptions) (path string, cleanup func(), err error)
 	_, err = io.ReadFull(f, magic)
 	f.Close()
 	if err == nil && string(magic) == "GGUF" {
-		return o.Model, cleanup, nil
+		return modelArg, cleanup, nil
 	}
-	if o.Tokenizer == "" {
-		return "", cleanup, fmt.Errorf("--model %q is not a GGUF file; a llama2.c checkpoint needs --tokenizer", o.Model)
+	if tokenizer == "" {
+		return "", cleanup, fmt.Errorf("--model %q is not a GGUF file; a llama2.c checkpoint needs --tokenizer", modelArg)
 	}
 	dir, err := os.MkdirTemp("", "kvnorm-ollama-")
 	if err != nil {
 		return "", cleanup, err
 	}
 	cleanup = func() { os.RemoveAll(dir) }
-	out := filepath.Join(dir, filepath.Base(o.Model)+".gguf")
-	if err := llama2c.ConvertFile(o.Model, o.Tokenizer, out, "f32"); err != nil {
+	out := filepath.Join(dir, filepath.Base(modelArg)+".gguf")
+	if err := llama2c.ConvertFile(modelArg, tokenizer, out, "f32"); err != nil {
 		cleanup()
-		return "", func() {}, fmt.Errorf("convert llama2.c checkpoint %s: %w", o.Model, err)
+		return "", func() {}, fmt.Errorf("convert llama2.c checkpoint %s: %w", modelArg, err)
 	}
 	return out, cleanup, nil
 }
