@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,26 +12,35 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/kvnorm/kvnorm/gguf"
+	"github.com/kvnorm/kvnorm/llamacpp"
 	"github.com/kvnorm/kvnorm/synth"
 )
 
+// cli runs the command in-process and returns its exit code and output.
+func cli(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, log bytes.Buffer
+	code = run(args, &out, &log)
+	return code, out.String(), log.String()
+}
+
 func TestVersionAndUsage(t *testing.T) {
-	code, out, _ := runCLI(t, "version")
+	code, out, _ := cli(t, "version")
 	assert.Equal(t, 0, code)
 	assert.Contains(t, out, "kvnorm ")
-	code, _, errs := runCLI(t, "frobnicate")
+	code, _, errs := cli(t, "frobnicate")
 	assert.Equal(t, 2, code)
 	assert.Contains(t, errs, `unknown command "frobnicate"`)
-	code, _, errs = runCLI(t)
+	code, _, errs = cli(t)
 	assert.Equal(t, 2, code)
 	assert.Contains(t, errs, "demo")
-	code, _, errs = runCLI(t, "version", "extra")
+	code, _, errs = cli(t, "version", "extra")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, "unexpected argument(s): extra")
 }
 
 func TestBenchKernelsQuick(t *testing.T) {
-	code, out, errs := runCLI(t, "bench", "kernels", "--quick", "--json")
+	code, out, errs := cli(t, "bench", "kernels", "--quick", "--json")
 	require.Equal(t, 0, code, errs)
 	var res struct {
 		Impl    string `json:"active_impl"`
@@ -59,39 +70,53 @@ func TestBenchKernelsQuick(t *testing.T) {
 	require.Len(t, res.Select, 2)
 	assert.Positive(t, res.Select[1].ScoresPerSec)
 
-	code, _, errs = runCLI(t, "bench", "nothing")
+	code, _, errs = cli(t, "bench", "nothing")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, `bench "nothing"`)
-	code, _, errs = runCLI(t, "bench", "kernels", "--dims", "64,x")
+	code, _, errs = cli(t, "bench", "kernels", "--dims", "64,x")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, `"x" is not a positive integer`)
 }
 
 func TestSynthCommand(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "tiny.gguf")
-	code, stdout, errs := runCLI(t, "synth", "--shape", "tiny", "--type", "q8_0", "-o", out)
+	code, stdout, errs := cli(t, "synth", "--shape", "tiny", "--type", "q8_0", "-o", out)
 	require.Equal(t, 0, code, errs)
 	assert.Contains(t, errs, "RANDOM WEIGHTS")
 	assert.Contains(t, stdout, "wrote")
 	f, err := gguf.Open(out)
 	require.NoError(t, err)
 	f.Close()
-	code, _, errs = runCLI(t, "synth", "--shape", "gpt5", "-o", out)
+	code, _, errs = cli(t, "synth", "--shape", "gpt5", "-o", out)
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, `--shape "gpt5"`)
-	code, _, errs = runCLI(t, "synth", "--shape", "custom", "--layers", "2", "--heads", "3", "--kv-heads", "2", "--head-dim", "8", "--embd", "24", "--ffn", "32", "-o", out)
+	code, _, errs = cli(t, "synth", "--shape", "custom", "--layers", "2", "--heads", "3", "--kv-heads", "2", "--head-dim", "8", "--embd", "24", "--ffn", "32", "-o", out)
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, "heads=3 is not a multiple of kv heads=2")
-	code, _, errs = runCLI(t, "synth", "--shape", "tiny")
+	code, _, errs = cli(t, "synth", "--shape", "tiny")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, "-o OUT.gguf is required")
 }
 
 func TestDemo(t *testing.T) {
+	// An empty Ollama store, so that the no-argument demo does not pick a
+	// model of the machine's own store.
+	t.Setenv("OLLAMA_MODELS", t.TempDir())
+	t.Setenv("HOME", t.TempDir())
 	// On a synthetic model given with --model: works anywhere.
 	path := filepath.Join(t.TempDir(), "tiny.gguf")
 	require.NoError(t, synth.Write(path, synth.Shapes["tiny"], gguf.F16, 1))
-	code, out, errs := runCLI(t, "demo", "--model", path, "--n", "8")
+	// The pure-Go reference runtime: works without cgo.
+	code, out, errs := cli(t, "demo", "--runtime", "reference", "--model", path, "--n", "8")
+	require.Equal(t, 0, code, errs)
+	assert.Contains(t, out, "runtime: reference")
+	m, err := llamacpp.Open(path)
+	if errors.Is(err, llamacpp.ErrNoCgo) {
+		t.Skip("the llama.cpp runtime is not built in (cgo off)")
+	}
+	require.NoError(t, err)
+	require.NoError(t, m.Close())
+	code, out, errs = cli(t, "demo", "--model", path, "--n", "8")
 	require.Equal(t, 0, code, errs)
 	assert.Contains(t, out, "given with --model")
 	assert.Contains(t, out, "KV cells after prefill")
@@ -104,7 +129,7 @@ func TestDemo(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(sharedModels(), "stories260K.bin")); err != nil {
 		t.Skip(err)
 	}
-	code, out, errs = runCLI(t, "demo", "--n", "16")
+	code, out, errs = cli(t, "demo", "--n", "16")
 	require.Equal(t, 0, code, errs)
 	assert.Contains(t, out, "stories260K")
 	assert.Regexp(t, `KV cells after prefill\s+(\d+)\s+(\d+)`, out)
