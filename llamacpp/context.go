@@ -15,29 +15,57 @@ package llamacpp
 #include "ggml.h"
 #include "ggml-backend.h"
 
+// What cb_eval asks the scheduler for (bits of kvn_cb.enabled).
+enum {
+	KVN_KEYS = 1,  // the post-RoPE keys of every layer: ROPE nodes "Kcur-N"
+	KVN_ATTN = 2,  // the attention probabilities of every layer: SOFT_MAX nodes "kq_soft_max-N"
+	KVN_CELLS = 4, // the cache rows the batch is written to: the first SET_ROWS into a "cache_k_l*" tensor
+};
+
 // kvn_cb is the C-owned user data of one context's cb_eval: the cgo.Handle
-// of the Go Context and whether it wants keys now.
+// of the Go Context, what it wants now, and whether this decode's cache rows
+// were captured (reset before each llama_decode: every layer writes the same
+// rows, one capture is enough).
 typedef struct {
 	uintptr_t handle;
 	int enabled;
+	int cells_seen;
 } kvn_cb;
 
 // Defined in callback.go (an //export'ed Go function).
-extern void kvnormObserveKeys(uintptr_t handle, void *tensor);
+extern void kvnormObserve(uintptr_t handle, int kind, void *tensor);
 
-// kvn_cb_eval asks the scheduler for the post-RoPE keys of every layer (the
-// ROPE node named "Kcur-N"; other nodes share the name) and hands them to Go
-// once computed. After a computed tensor it always returns true: false would
-// stop the rest of the graph.
+static int kvn_kind(const struct ggml_tensor *t, const kvn_cb *cb) {
+	if ((cb->enabled & KVN_KEYS) && t->op == GGML_OP_ROPE && strncmp(t->name, "Kcur-", 5) == 0) {
+		return KVN_KEYS;
+	}
+	if ((cb->enabled & KVN_ATTN) && t->op == GGML_OP_SOFT_MAX && strncmp(t->name, "kq_soft_max-", 12) == 0) {
+		return KVN_ATTN;
+	}
+	if ((cb->enabled & KVN_CELLS) && !cb->cells_seen && t->op == GGML_OP_SET_ROWS &&
+	    t->src[2] != NULL && strncmp(t->src[2]->name, "cache_k_l", 9) == 0) {
+		return KVN_CELLS;
+	}
+	return 0;
+}
+
+// kvn_cb_eval asks the scheduler for the nodes kvn_kind selects (other nodes
+// may share their names: the op is checked too) and hands each to Go once
+// computed. After a computed tensor it always returns true: false would stop
+// the rest of the graph.
 static bool kvn_cb_eval(struct ggml_tensor *t, bool ask, void *user_data) {
 	kvn_cb *cb = (kvn_cb *)user_data;
-	if (cb == NULL || !cb->enabled || t->op != GGML_OP_ROPE || strncmp(t->name, "Kcur-", 5) != 0) {
+	int kind = (cb == NULL || !cb->enabled) ? 0 : kvn_kind(t, cb);
+	if (kind == 0) {
 		return !ask;
 	}
 	if (ask) {
 		return true;
 	}
-	kvnormObserveKeys(cb->handle, t);
+	if (kind == KVN_CELLS) {
+		cb->cells_seen = 1;
+	}
+	kvnormObserve(cb->handle, kind, t);
 	return true;
 }
 
@@ -117,6 +145,7 @@ type Context struct {
 
 	obs      hooks.Observer
 	observed bool // obs is set: keys are streamed during decodes
+	attnF    func(*Attention) error
 
 	// The batch being decoded, for the callback, and what it records: the
 	// per-head key norms of each layer, reported to the observer once
@@ -129,7 +158,18 @@ type Context struct {
 	seen     []bool      // per layer: its keys arrived in this decode
 	cbErr    error
 
+	// Attention recording (record.go): the cells the batch is written to,
+	// and each layer's probabilities (buffers reused across decodes).
+	curCells []int
+	attnW    [][]float32 // per layer, [head][token][n_kv]; nil when unseen
+	attnNKV  []int       // per layer: n_kv of its tensor
+
 	live []posSet // per sequence
+	// cells[seq][c] is the position held by cell c of the sequence's
+	// stream, -1 when empty. It is kept while cells are tracked (an observer
+	// or an attention recorder is attached) and valid when cellsKnown[seq].
+	cells      [][]hooks.Pos
+	cellsKnown []bool
 }
 
 // NewContext creates a context on m. It returns an error wrapping ErrBadInput
@@ -181,7 +221,8 @@ func (m *Model) NewContext(o ContextOptions) (*Context, error) {
 	if m.info.Recurrent {
 		return nil, fmt.Errorf("%w: %s is a recurrent model: it has no KV cache to compress", hooks.ErrUnsupported, m.info.Path)
 	}
-	c := &Context{model: m, opts: o, seqs: o.Seqs, live: make([]posSet, o.Seqs)}
+	c := &Context{model: m, opts: o, seqs: o.Seqs, live: make([]posSet, o.Seqs),
+		cells: make([][]hooks.Pos, o.Seqs), cellsKnown: make([]bool, o.Seqs)}
 	c.h = cgo.NewHandle(c)
 	c.cb = C.kvn_cb_new(C.uintptr_t(c.h))
 	if c.cb == nil {
@@ -222,6 +263,12 @@ func (m *Model) NewContext(o ContextOptions) (*Context, error) {
 	c.shape, c.cellBytes = c.cacheShape()
 	c.norms = make([][]float32, c.shape.Layers)
 	c.seen = make([]bool, c.shape.Layers)
+	c.attnW = make([][]float32, c.shape.Layers)
+	c.attnNKV = make([]int, c.shape.Layers)
+	for s := range c.cells {
+		c.cells[s] = emptyCells(c.capacity)
+		c.cellsKnown[s] = true
+	}
 	m.ctxs[c] = struct{}{}
 	return c, nil
 }
@@ -294,7 +341,8 @@ func (c *Context) Model() *Model { return c.model }
 // Raw returns the *llama_context, for state-mode calls (Compress) and for
 // code that drives llama.cpp directly. It is valid until Close. Tokens
 // decoded through it are not reported to the observer (the context does not
-// know their positions), and the context's cell count needs a Resync.
+// know their positions), and the context's cell count needs a Resync (after
+// which a sequence that gained tokens cannot record attention until Cleared).
 func (c *Context) Raw() unsafe.Pointer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -332,12 +380,25 @@ func (c *Context) SetObserver(o hooks.Observer) {
 	defer c.mu.Unlock()
 	c.obs = o
 	c.observed = o != nil
-	if c.cb != nil {
-		c.cb.enabled = 0
-		if c.observed {
-			c.cb.enabled = 1
-		}
+	c.setCallbacks()
+}
+
+// setCallbacks tells cb_eval what to ask for: keys for an observer (and for
+// the attention recorder, which checks the batch order on them), attention
+// probabilities for the recorder, and the cache rows written whenever either
+// is attached (the cell map follows the sequence from then on).
+func (c *Context) setCallbacks() {
+	if c.cb == nil {
+		return
 	}
+	var e C.int
+	if c.observed || c.attnF != nil {
+		e |= C.KVN_KEYS | C.KVN_CELLS
+	}
+	if c.attnF != nil {
+		e |= C.KVN_ATTN
+	}
+	c.cb.enabled = e
 }
 
 // EnableCompression builds a compressor for policy on this context and
@@ -414,6 +475,8 @@ func (c *Context) Clear(seq hooks.SeqID) error {
 	}
 	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), -1, -1)
 	c.live[seq] = posSet{}
+	c.cells[seq] = emptyCells(c.capacity)
+	c.cellsKnown[seq] = true
 	obs := c.obs
 	c.mu.Unlock()
 	if obs != nil {
@@ -462,6 +525,7 @@ func (c *Context) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
 		}
 		i = j
 	}
+	c.forgetCells(seq)
 	return nil
 }
 
@@ -506,6 +570,11 @@ func (c *Context) Resync(seq hooks.SeqID) error {
 		set.add(cell.Pos)
 	}
 	c.live[seq] = set
+	// Removals behind our back keep the cell map valid; anything else
+	// (tokens decoded through Raw, shifted positions) makes it unknown.
+	if n := c.forgetCells(seq); n != set.n {
+		c.cellsKnown[seq] = false
+	}
 	return nil
 }
 
@@ -556,19 +625,34 @@ func (c *Context) DecodeOutputs(seq hooks.SeqID, tokens []Token, outputs []int) 
 		if err := c.makeRoom(seq, end-start); err != nil {
 			return nil, err
 		}
-		batches, obs, err := c.decodeChunk(seq, tokens[start:end], start, want, out)
+		r, err := c.decodeChunk(seq, tokens[start:end], start, want, out)
 		if err != nil {
 			return nil, err
 		}
 		// The observer is called without c.mu: it may evict through
 		// EvictPositions, which takes c.mu (lock order: observer, then c.mu).
-		for _, b := range batches {
-			if err := obs.ObserveKeys(b); err != nil {
+		// Keys first, then the attention that reads them.
+		for _, b := range r.keys {
+			if err := r.obs.ObserveKeys(b); err != nil {
 				return nil, fmt.Errorf("llamacpp: seq %d: recording keys of layer %d: %w", seq, b.Layer, err)
+			}
+		}
+		for _, a := range r.attn {
+			if err := r.attnF(a); err != nil {
+				return nil, fmt.Errorf("llamacpp: seq %d: attention of layer %d: %w", seq, a.Layer, err)
 			}
 		}
 	}
 	return out, nil
+}
+
+// decoded is what one chunk's decode recorded, for DecodeOutputs to hand out
+// once c.mu is released.
+type decoded struct {
+	keys  []*hooks.KeyBatch
+	obs   hooks.Observer
+	attn  []*Attention
+	attnF func(*Attention) error
 }
 
 // makeRoom compresses seq through the observer when n tokens do not fit.
@@ -602,16 +686,27 @@ func (c *Context) makeRoom(seq hooks.SeqID, n int) error {
 
 // decodeChunk decodes at most one batch of tokens of one sequence (one
 // llama.cpp ubatch, so the callback's tensors are exactly this batch). It
-// returns the key norms the callback recorded, one batch per layer, for the
-// caller to hand to obs once c.mu is released.
-func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) ([]*hooks.KeyBatch, hooks.Observer, error) {
+// returns the key norms the callback recorded, one batch per layer, and the
+// attention of every layer when recording, for the caller to hand out once
+// c.mu is released.
+func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) (*decoded, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.liveLocked(); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	batches, err := c.decodeLocked(seq, toks, offset, want, out)
-	return batches, c.obs, err
+	r := &decoded{obs: c.obs, attnF: c.attnF}
+	var err error
+	r.keys, err = c.decodeLocked(seq, toks, offset, want, out)
+	if err != nil {
+		return nil, err
+	}
+	if r.attnF != nil {
+		if r.attn, err = c.attentionLocked(seq); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
 }
 
 func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) ([]*hooks.KeyBatch, error) {
@@ -647,14 +742,29 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 	}
 	c.cbErr = nil
 	clear(c.seen)
+	clear(c.attnW)
+	c.curCells = c.curCells[:0]
+	c.cb.cells_seen = 0
+	tracking := c.cb.enabled&C.KVN_CELLS != 0
 	c.decoding = true
 	rc := C.llama_decode(c.c, c.batch)
 	c.decoding = false
 	if rc != 0 {
+		c.cellsKnown[seq] = false // whatever llama.cpp kept of the batch is not in the cell map
 		return nil, decodeError(int(rc), fmt.Sprintf("seq %d, %d tokens at position %d", seq, n, next))
 	}
 	for i := range toks {
 		set.add(next + hooks.Pos(i))
+	}
+	if tracking && c.cbErr == nil && len(c.curCells) != n {
+		c.cbErr = fmt.Errorf("%w: the batch's cache rows were not seen (kvnorm looks for the SET_ROWS node writing cache_k_l*)", hooks.ErrUnsupported)
+	}
+	if tracking && c.cbErr == nil {
+		for i, cell := range c.curCells {
+			c.cells[seq][cell] = next + hooks.Pos(i)
+		}
+	} else {
+		c.cellsKnown[seq] = false
 	}
 	if c.cbErr != nil {
 		return nil, fmt.Errorf("llamacpp: seq %d: recording keys: %w", seq, c.cbErr)
@@ -698,12 +808,18 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 // under c.mu, could deadlock with a compression that evicts. Errors are kept
 // for decodeLocked to report; the graph always runs to the end.
 func (c *Context) observeTensor(t unsafe.Pointer) {
-	if !c.decoding || c.cbErr != nil || c.obs == nil {
+	if !c.decoding || c.cbErr != nil {
 		return // a llama_decode through Raw: its batch is unknown here
 	}
 	d := C.kvn_describe((*C.struct_ggml_tensor)(t))
 	sh := c.shape
 	n := len(c.curPos)
+	if c.attnF != nil && d.layer == 0 {
+		c.checkOrder(t)
+	}
+	if c.obs == nil {
+		return // keys asked for by the attention recorder only
+	}
 	switch {
 	case d.layer < 0 || int(d.layer) >= sh.Layers:
 		c.cbErr = fmt.Errorf("%w: key tensor of layer %d outside %d layers", hooks.ErrBadBatch, d.layer, sh.Layers)

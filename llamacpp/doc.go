@@ -19,7 +19,8 @@
 //	Decode(seq, tokens) -- chunks of BatchSize, one llama_decode (one ubatch) each
 //	  free cells < chunk?  -> observer.CachePressure -> plan -> EvictPositions
 //	  llama_decode
-//	    cb_eval (C) asks for the ROPE node "Kcur-N" of every layer N
+//	    cb_eval (C) asks for the ROPE node "Kcur-N" of every layer N (and, when
+//	    recording attention, "kq_soft_max-N" and the K cache's SET_ROWS)
 //	    -> kvnormObserveKeys (Go) copies it with ggml_backend_tensor_get
 //	       ([head_dim, n_kv_heads, n_tokens] f32) into a reused buffer and
 //	       reduces it to per-head L2 norms (kernels.NormsF32)
@@ -35,6 +36,20 @@
 // needed. Each sequence has its own cells (kv_unified off), so compressing
 // one never touches another. Flash attention is on by default; eviction works
 // with it on or off and with f16, q8_0 and q4_0 caches.
+//
+// # Attention (flash attention off)
+//
+// RecordAttention(f) passes f, per layer and batch, the softmax
+// probabilities of the SOFT_MAX node "kq_soft_max-N" ([n_kv, n_tokens,
+// n_head] f32; llama.cpp builds it only with flash attention off). Its
+// columns are the cells 0..n_kv-1 of the sequence's stream, not positions:
+// cb_eval also captures the first SET_ROWS into a "cache_k_l*" tensor of each
+// decode, whose indices are the cache rows the batch is written to (row =
+// seq × cells per sequence + cell), and the context keeps a cell -> position
+// map per sequence from them (holes left by eviction are refilled by later
+// tokens, so cells are not in position order). f gets the batch after the
+// observer got its keys. cmd/kvnorm adapts it to conformance.AttentionRecorder
+// (this package does not import the suite).
 //
 // # State mode (an app's own llama_context)
 //

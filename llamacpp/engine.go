@@ -70,6 +70,13 @@ func (e *Engine) Detokenize(tokens []int32) (string, error) { return e.m.Detoken
 
 func (e *Engine) SetObserver(o hooks.Observer) { e.c.SetObserver(o) }
 
+// RecordAttention passes f the attention of every layer of every batch the
+// engine decodes from now on (nil stops); see Context.RecordAttention. The
+// engine's context must have flash attention off, else the error wraps
+// ErrNoAttention. (conformance.AttentionRecorder is implemented on top of it
+// in cmd/kvnorm, so that this package does not import the suite.)
+func (e *Engine) RecordAttention(f func(*Attention) error) error { return e.c.RecordAttention(f) }
+
 // Prefill decodes the prompt (in chunks, compressing under pressure), then
 // reports PrefillDone to the observer.
 func (e *Engine) Prefill(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, error) {

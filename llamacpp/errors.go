@@ -29,6 +29,10 @@ var (
 	// ErrState reports a sequence state (llama_state_seq_get_data) that
 	// cannot be parsed or does not match the model.
 	ErrState = errors.New("llamacpp: bad sequence state")
+	// ErrNoAttention reports attention probabilities that cannot be
+	// recorded: flash attention is (or may be) on, so the graph has no
+	// kq_soft_max node, or the positions of a sequence's cells are unknown.
+	ErrNoAttention = errors.New("llamacpp: cannot record attention")
 )
 
 // CError is a failed llama.cpp call and its return code. It unwraps to the

@@ -46,6 +46,7 @@ func (c *Context) BatchSize() int                                { return 0 }
 func (c *Context) CellBytes() int64                              { return 0 }
 func (c *Context) CacheShape() hooks.CacheShape                  { return hooks.CacheShape{} }
 func (c *Context) SetObserver(hooks.Observer)                    {}
+func (c *Context) RecordAttention(func(*Attention) error) error  { return ErrNoCgo }
 func (c *Context) Cells(hooks.SeqID) int                         { return 0 }
 func (c *Context) Positions(hooks.SeqID) []hooks.Pos             { return nil }
 func (c *Context) Clear(hooks.SeqID) error                       { return ErrNoCgo }

@@ -21,12 +21,16 @@ func init() {
 	engines["llamacpp"] = openLlamacppEngine
 }
 
-// llamacppEngine is a llamacpp.Engine that removes its temporary GGUF file
-// (a converted llama2.c checkpoint) when closed.
+// llamacppEngine is a llamacpp.Engine for the conformance suite: it records
+// attention as a conformance.AttentionRecorder (llamacpp does not import the
+// suite: its own llamacpp.Attention is translated here) and removes its
+// temporary GGUF file (a converted llama2.c checkpoint) when closed.
 type llamacppEngine struct {
 	*llamacpp.Engine
 	cleanup func()
 }
+
+var _ conformance.AttentionRecorder = (*llamacppEngine)(nil)
 
 func (e *llamacppEngine) Close() error {
 	err := e.Engine.Close()
@@ -34,10 +38,49 @@ func (e *llamacppEngine) Close() error {
 	return err
 }
 
+// RecordAttention implements conformance.AttentionRecorder on
+// llamacpp.Engine.RecordAttention (kq_soft_max, flash attention off). A
+// llama.cpp cell holds all KV heads, so every KV head gets the same cell list.
+func (e *llamacppEngine) RecordAttention(f func(*conformance.AttentionBatch) error) error {
+	if f == nil {
+		return e.Engine.RecordAttention(nil)
+	}
+	return noAttention(e.Engine.RecordAttention(func(a *llamacpp.Attention) error {
+		cells := make([][]hooks.Pos, a.KVHeads)
+		for g := range cells {
+			cells[g] = a.Cells
+		}
+		return f(&conformance.AttentionBatch{Layer: a.Layer, Seq: a.Seq, Queries: a.Queries,
+			Heads: a.Heads, KVHeads: a.KVHeads, Cells: cells, Weights: a.Weights})
+	}))
+}
+
+// Prefill and Decode report a batch whose attention cannot be recorded as
+// conformance.ErrNoAttention (the task then reports n/a).
+func (e *llamacppEngine) Prefill(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, error) {
+	out, err := e.Engine.Prefill(seq, tokens, all)
+	return out, noAttention(err)
+}
+
+func (e *llamacppEngine) Decode(seq hooks.SeqID, tokens []int32) ([][]float32, error) {
+	out, err := e.Engine.Decode(seq, tokens)
+	return out, noAttention(err)
+}
+
+// noAttention adds conformance.ErrNoAttention to an error wrapping
+// llamacpp.ErrNoAttention.
+func noAttention(err error) error {
+	if errors.Is(err, llamacpp.ErrNoAttention) && !errors.Is(err, conformance.ErrNoAttention) {
+		return fmt.Errorf("%w: %w", conformance.ErrNoAttention, err)
+	}
+	return err
+}
+
 // openLlamacppEngine opens the llama.cpp runtime for the conformance suite:
-// one sequence of o.Context cells (the model's trained context when 0),
-// flash attention on, chunks of a quarter of the cache. It does not record attention, so the attention task
-// reports n/a for it.
+// one sequence of o.Context cells (the model's trained context when 0) in
+// chunks of a quarter of the cache, flash attention on, or off when the
+// suite records attention (o.Attention: llama.cpp computes the
+// probabilities, kq_soft_max, only without it).
 func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	logw := o.Log
 	if logw == nil {
@@ -59,7 +102,12 @@ func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	// Chunks of a quarter of the cache leave room to compress between them
 	// when a prompt outgrows the cache.
 	batch := max(1, min(512, n/4))
-	e, err := llamacpp.NewEngine(m, llamacpp.ContextOptions{NCtx: n, NBatch: batch, Threads: o.Threads})
+	co := llamacpp.ContextOptions{NCtx: n, NBatch: batch, Threads: o.Threads}
+	if o.Attention {
+		co.FlashAttn = llamacpp.FlashAttnOff
+		fmt.Fprintf(logw, "llamacpp: flash attention off to record attention (kq_soft_max)\n")
+	}
+	e, err := llamacpp.NewEngine(m, co)
 	if err != nil {
 		cleanup()
 		return nil, err

@@ -6,6 +6,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/conformance/refengine"
 	"github.com/kvnorm/kvnorm/hooks"
 	"github.com/kvnorm/kvnorm/llamacpp"
 )
@@ -258,4 +262,166 @@ func TestConformanceEngineLlamacpp(t *testing.T) {
 	assert.Equal(t, 0, n)
 	require.NoError(t, e.Close())
 	assert.Contains(t, log.String(), "converting")
+}
+
+// attnRows collects attention as (layer, head, query position) -> weight by
+// key position, from either runtime.
+type attnRows map[[3]int]map[hooks.Pos]float32
+
+func (r attnRows) add(b *conformance.AttentionBatch) {
+	group := b.Heads / b.KVHeads
+	for h := range b.Heads {
+		for q, qp := range b.Queries {
+			row := map[hooks.Pos]float32{}
+			for c, p := range b.Cells[h/group] {
+				if w := b.Weight(h, q, c); p >= 0 {
+					row[p] = w
+				} else if w != 0 {
+					row[-1-hooks.Pos(c)] = w // weight on an empty cell: never equal to the reference
+				}
+			}
+			r[[3]int{b.Layer, h, int(qp)}] = row
+		}
+	}
+}
+
+// keysFirst is an observer that records which keys were reported, for the
+// recorder to check that a batch's keys come before its attention.
+type keysFirst struct {
+	seen map[[2]int]bool // layer, position
+}
+
+func (o *keysFirst) ObserveKeys(b *hooks.KeyBatch) error {
+	for _, p := range b.Positions {
+		o.seen[[2]int{b.Layer, int(p)}] = true
+	}
+	return nil
+}
+func (o *keysFirst) PrefillDone(seq hooks.SeqID) (hooks.Stats, error) { return hooks.Stats{}, nil }
+func (o *keysFirst) CachePressure(hooks.SeqID, int, int) (hooks.Stats, error) {
+	return hooks.Stats{}, errors.New("no room")
+}
+func (o *keysFirst) Forget(hooks.SeqID, hooks.Pos, hooks.Pos) {}
+
+// TestLlamacppAttentionMatchesReference: llama.cpp's kq_soft_max (flash
+// attention off, f32 cache), mapped to positions through its cells, equals
+// the reference forward pass's attention, also after evictions leave holes
+// that later tokens fill.
+func TestLlamacppAttentionMatchesReference(t *testing.T) {
+	ckpt, tok := llamacppModels(t)
+	const tol = 2e-5 // f32 weights and cache on both sides
+	ref, err := refengine.Open(ckpt, tok, refengine.Options{Context: 512, Batch: 48})
+	require.NoError(t, err)
+	defer ref.Close()
+	path, cleanup, err := ggufModel(ckpt, tok, io.Discard)
+	require.NoError(t, err)
+	m, err := llamacpp.Open(path)
+	require.NoError(t, err)
+	le, err := llamacpp.NewEngine(m, llamacpp.ContextOptions{NCtx: 512, NBatch: 48, Threads: 1,
+		FlashAttn: llamacpp.FlashAttnOff, KType: llamacpp.CacheF32, VType: llamacpp.CacheF32})
+	require.NoError(t, err)
+	lc := &llamacppEngine{Engine: le, cleanup: cleanup}
+	defer lc.Close()
+
+	text, err := os.ReadFile(storyPrompt(t, t.TempDir(), 12))
+	require.NoError(t, err)
+	toks, err := ref.Tokenize(string(text), true)
+	require.NoError(t, err)
+	require.Greater(t, len(toks), 200)
+	prompt, more := toks[:150], toks[150:200]
+
+	engs := []hooks.Engine{ref, lc}
+	rows := []attnRows{{}, {}}
+	for i, e := range engs {
+		obs := &keysFirst{seen: map[[2]int]bool{}}
+		e.SetObserver(obs)
+		require.NoError(t, e.(conformance.AttentionRecorder).RecordAttention(func(b *conformance.AttentionBatch) error {
+			for g := range b.KVHeads {
+				for _, p := range b.Cells[g] {
+					if p >= 0 && !obs.seen[[2]int{b.Layer, int(p)}] {
+						return fmt.Errorf("layer %d: attention to position %d before its key", b.Layer, p)
+					}
+				}
+			}
+			rows[i].add(b)
+			return nil
+		}))
+		_, err := e.Prefill(0, prompt, false)
+		require.NoError(t, err)
+		// Holes: every third position of 10..120; the next chunk fills them.
+		var evict []hooks.Pos
+		for p := hooks.Pos(10); p < 120; p += 3 {
+			evict = append(evict, p)
+		}
+		require.NoError(t, e.(hooks.PositionEvictor).EvictPositions(0, evict))
+		_, err = e.Decode(0, more)
+		require.NoError(t, err)
+	}
+	require.Len(t, rows[1], len(rows[0]))
+	var worst float64
+	for k, want := range rows[0] {
+		got, ok := rows[1][k]
+		require.True(t, ok, "llama.cpp has no attention for layer %d head %d query %d", k[0], k[1], k[2])
+		for p, w := range got {
+			_, ok := want[p]
+			require.True(t, ok || w == 0, "layer %d head %d query %d: weight %g on position %d the reference does not hold", k[0], k[1], k[2], w, p)
+		}
+		for p, w := range want {
+			d := math.Abs(float64(w) - float64(got[p]))
+			worst = max(worst, d)
+			require.LessOrEqual(t, d, tol, "layer %d head %d query %d key %d: reference %g, llama.cpp %g", k[0], k[1], k[2], p, w, got[p])
+		}
+	}
+	t.Logf("%d attention rows (5 layers × 8 heads × 200 queries), largest difference %.2g (tolerance %g)", len(rows[0]), worst, tol)
+}
+
+// TestConformanceAttentionLlamacpp: the suite's attention task reports
+// numbers for llama.cpp, and they agree with the reference on the same text.
+func TestConformanceAttentionLlamacpp(t *testing.T) {
+	ckpt, tok := llamacppModels(t)
+	dir := t.TempDir()
+	text := storyPrompt(t, dir, 40)
+	code, out, log := runCLI(t, "conformance", "--model", ckpt, "--tokenizer", tok, "--runtime", "reference,llamacpp",
+		"--tasks", "attention", "--quick", "--text", text, "--threads", "1", "--json", "--out", filepath.Join(dir, "out"))
+	require.Equal(t, 0, code, log)
+	var res conformance.Results
+	require.NoError(t, json.Unmarshal([]byte(out), &res))
+	require.Len(t, res.Runtimes, 2)
+	var layers [2][]conformance.LayerAttention
+	for i, rt := range res.Runtimes {
+		require.Len(t, rt.Tasks, 1)
+		tr := rt.Tasks[0]
+		require.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", rt.Runtime, tr.Note)
+		require.NotNil(t, tr.Attention)
+		require.Len(t, tr.Attention.Layers, 5)
+		for _, la := range tr.Attention.Layers {
+			assert.False(t, math.IsNaN(float64(la.Spearman)), "%s layer %d", rt.Runtime, la.Layer)
+			assert.False(t, math.IsNaN(float64(la.ShareLowHalf)), "%s layer %d", rt.Runtime, la.Layer)
+		}
+		layers[i] = tr.Attention.Layers
+	}
+	assert.Equal(t, "llamacpp", res.Runtimes[1].Runtime)
+	assert.False(t, res.Runtimes[1].Info.FlashAttn, "attention needs flash attention off")
+	for l := range layers[0] {
+		// Same tokens; llama.cpp's cache is f16 in the suite.
+		assert.InDelta(t, float64(layers[0][l].Spearman), float64(layers[1][l].Spearman), 0.02, "layer %d", l)
+		assert.InDelta(t, float64(layers[0][l].ShareLowHalf), float64(layers[1][l].ShareLowHalf), 0.005, "layer %d", l)
+		t.Logf("layer %d: spearman reference %+.3f llama.cpp %+.3f", l, layers[0][l].Spearman, layers[1][l].Spearman)
+	}
+}
+
+// TestLlamacppNoAttention: with flash attention on the engine says so as
+// conformance.ErrNoAttention (the task reports n/a).
+func TestLlamacppNoAttention(t *testing.T) {
+	ckpt, tok := llamacppModels(t)
+	e, err := engines["llamacpp"](conformance.EngineOptions{Model: ckpt, Tokenizer: tok, Threads: 1, Log: io.Discard})
+	require.NoError(t, err)
+	defer e.Close()
+	assert.True(t, e.Info().FlashAttn)
+	rec, ok := e.(conformance.AttentionRecorder)
+	require.True(t, ok)
+	err = rec.RecordAttention(func(*conformance.AttentionBatch) error { return nil })
+	assert.ErrorIs(t, err, conformance.ErrNoAttention)
+	assert.ErrorIs(t, err, llamacpp.ErrNoAttention)
+	require.NoError(t, rec.RecordAttention(nil))
 }
