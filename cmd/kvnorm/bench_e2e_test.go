@@ -1,0 +1,197 @@
+//go:build cgo
+
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvnorm/kvnorm/gguf"
+	"github.com/kvnorm/kvnorm/internal/e2ebench"
+	"github.com/kvnorm/kvnorm/synth"
+)
+
+// TestMain lets `kvnorm bench e2e` re-exec this test binary as its child:
+// with benchChildEnv set, the binary runs the CLI instead of the tests.
+func TestMain(m *testing.M) {
+	if os.Getenv(benchChildEnv) == "1" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+// tinyModel writes synth.Shapes["tiny"] (4 layers, 2 KV heads of 16) to a
+// temporary GGUF file.
+func tinyModel(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "tiny.gguf")
+	require.NoError(t, synth.Write(path, synth.Shapes["tiny"], gguf.F16, 1))
+	return path
+}
+
+// e2eRuntimes are the runtimes registered in this build that the bench runs on.
+func e2eRuntimes(t *testing.T) []string {
+	var rts []string
+	for _, rt := range []string{"llamacpp", "ollama"} {
+		if engines[rt] != nil {
+			rts = append(rts, rt)
+		}
+	}
+	if len(rts) == 0 {
+		t.Skip("no runtime registered")
+	}
+	return rts
+}
+
+// rowFields are the JSON fields every row must carry.
+var rowFields = []string{
+	"runtime", "model", "granularity", "ctx_cells", "prompt_tokens", "keep",
+	"prefill_ms", "prefill_capture_ms", "capture_overhead", "observe_ms",
+	"compress_ms", "plan_ms", "apply_ms", "compress_frac_of_prefill",
+	"kv_cells_before", "kv_cells", "kv_entries_before", "kv_entries", "entry_bytes", "kv_bytes_before", "kv_bytes", "kv_bytes_allocated",
+	"decode_tokens", "decode_tokens_per_s", "peak_rss_bytes", "rss_anon_bytes", "child_process",
+	"ratio_kv_cells", "ratio_kv_bytes", "ratio_prefill", "ratio_decode_tokens_per_s", "ratio_peak_rss",
+}
+
+func TestBenchE2ERowsTiny(t *testing.T) {
+	model := tinyModel(t)
+	shape := synth.Shapes["tiny"]
+	for _, rt := range e2eRuntimes(t) {
+		t.Run(rt, func(t *testing.T) {
+			out := t.TempDir()
+			var stdout, stderr bytes.Buffer
+			code := run([]string{"bench", "e2e", "--runtime", rt, "--model", model, "--prompt-tokens", "40,96",
+				"--keep", "0.5,0.25", "--decode", "4", "--threads", "1", "--granularity", "per-token", "--json", "--out", out}, &stdout, &stderr)
+			require.Equal(t, 0, code, stderr.String())
+
+			var raw []map[string]any
+			require.NoError(t, json.Unmarshal(stdout.Bytes(), &raw), stdout.String())
+			require.Len(t, raw, 6, "2 prompt lengths × keeps 1 (added), 0.5, 0.25")
+			for _, r := range raw {
+				for _, f := range rowFields {
+					assert.Contains(t, r, f)
+				}
+			}
+			var rows []e2ebench.Row
+			require.NoError(t, json.Unmarshal(stdout.Bytes(), &rows))
+			base := map[int]e2ebench.Row{}
+			for _, r := range rows {
+				if r.Keep == 1 {
+					base[r.PromptTokens] = r
+				}
+			}
+			require.Len(t, base, 2)
+			for _, r := range rows {
+				assert.True(t, r.ChildProcess, "each row in its own process")
+				assert.Equal(t, rt, r.Runtime)
+				assert.Positive(t, r.PrefillMs)
+				assert.Positive(t, r.PrefillCaptureMs)
+				assert.InDelta(t, (r.PrefillCaptureMs-r.PrefillMs)/r.PrefillMs, r.CaptureOverhead, 1e-9)
+				assert.Positive(t, r.ObserveMs, "the capture observer saw the keys")
+				assert.GreaterOrEqual(t, r.CompressMs, 0.0)
+				assert.Positive(t, r.DecodeTokensPerS)
+				assert.Equal(t, 4, r.DecodeTokens)
+				assert.Positive(t, r.PeakRSSBytes)
+				assert.GreaterOrEqual(t, r.PeakRSSBytes, r.RSSAnonBytes)
+
+				// Cells: the whole prompt before, ceil(keep × prompt) after
+				// (per-token); bytes are entries × entry bytes and entries
+				// are cells × layers × KV heads.
+				assert.Equal(t, r.PromptTokens, r.KVCellsBefore)
+				assert.Equal(t, int(math.Ceil(r.Keep*float64(r.PromptTokens))), r.KVCells, "keep %g of %d", r.Keep, r.PromptTokens)
+				perCell := int64(shape.Layers * shape.KVHeads)
+				assert.Equal(t, int64(r.KVCells)*perCell, r.KVEntries)
+				assert.Equal(t, r.KVEntries*r.EntryBytes, r.KVBytes)
+				assert.Equal(t, r.KVEntriesBefore*r.EntryBytes, r.KVBytesBefore)
+				assert.Equal(t, int64(2*2*shape.HeadDim), r.EntryBytes, "f16 K and V rows")
+				assert.GreaterOrEqual(t, r.KVBytesAllocated, r.KVBytesBefore)
+				if r.Keep < 1 {
+					assert.Positive(t, r.CompressMs)
+					assert.Positive(t, r.PlanMs+r.ApplyMs)
+				}
+
+				// Ratios come from the keep-1 row of the same run.
+				b := base[r.PromptTokens]
+				assert.InDelta(t, float64(r.KVBytes)/float64(b.KVBytes), r.RatioKVBytes, 1e-9)
+				assert.InDelta(t, float64(r.KVCells)/float64(b.KVCells), r.RatioKVCells, 1e-9)
+				assert.InDelta(t, r.DecodeTokensPerS/b.DecodeTokensPerS, r.RatioDecodeTPS, 1e-9)
+				assert.InDelta(t, r.PrefillMs/b.PrefillMs, r.RatioPrefill, 1e-9)
+				assert.InDelta(t, float64(r.PeakRSSBytes)/float64(b.PeakRSSBytes), r.RatioPeakRSS, 1e-9)
+				assert.InDelta(t, r.Keep, r.RatioKVBytes, 1.0/float64(r.PromptTokens)+1e-9, "bytes proportional to kept cells")
+			}
+			for _, f := range []string{"e2e-" + rt + ".json", "e2e-" + rt + ".md", "e2e-" + rt + ".png"} {
+				st, err := os.Stat(filepath.Join(out, f))
+				require.NoError(t, err)
+				assert.Positive(t, st.Size(), f)
+			}
+		})
+	}
+}
+
+func TestBenchE2EChunkedTiny(t *testing.T) {
+	model := tinyModel(t)
+	for _, rt := range e2eRuntimes(t) {
+		t.Run(rt, func(t *testing.T) {
+			out := t.TempDir()
+			var stdout, stderr bytes.Buffer
+			code := run([]string{"bench", "e2e", "--runtime", rt, "--model", model, "--chunked", "--ctx", "256",
+				"--keep", "1,0.25", "--threads", "1", "--granularity", "per-token", "--json", "--out", out}, &stdout, &stderr)
+			require.Equal(t, 0, code, stderr.String())
+			var raw map[string]any
+			require.NoError(t, json.Unmarshal(stdout.Bytes(), &raw), stdout.String())
+			for _, f := range []string{"prompt_tokens", "ctx_cells", "keep", "samples", "peak_rss_bytes", "hwm_growth_bytes", "compressions", "baseline"} {
+				assert.Contains(t, raw, f)
+			}
+			var c e2ebench.Chunked
+			require.NoError(t, json.Unmarshal(stdout.Bytes(), &c))
+			assert.True(t, c.ChildProcess)
+			assert.Equal(t, 0.25, c.Keep, "the smallest --keep")
+			assert.GreaterOrEqual(t, c.Ctx, 256)
+			assert.Equal(t, 4*256, c.PromptTokens)
+			assert.Positive(t, c.PrefillMs)
+			assert.Positive(t, c.Compressions, "a prompt of 4 × the cache compresses under pressure")
+			require.GreaterOrEqual(t, len(c.Samples), 4, "one sample per chunk")
+			prev := 0
+			for _, s := range c.Samples {
+				assert.Greater(t, s.TokensFed, prev, "tokens fed grow chunk by chunk")
+				prev = s.TokensFed
+				assert.LessOrEqual(t, s.LiveCells, c.Ctx, "the cache never holds more than its cells")
+				assert.Positive(t, s.HWM)
+				assert.GreaterOrEqual(t, s.HWM, s.RSS)
+			}
+			assert.Equal(t, c.PromptTokens, prev, "the last chunk ends the prompt")
+			assert.GreaterOrEqual(t, c.FullAt, 0)
+			assert.LessOrEqual(t, c.KVCells, c.Ctx)
+			assert.Equal(t, c.End.HWM-c.Samples[c.FullAt].HWM, c.HWMGrowthBytes)
+			assert.Positive(t, c.PeakRSSBytes)
+			require.NotNil(t, c.Baseline)
+			assert.True(t, c.Baseline.Uncompressed)
+			assert.GreaterOrEqual(t, c.Baseline.Ctx, c.PromptTokens)
+			assert.Zero(t, c.Baseline.Compressions)
+			assert.Equal(t, c.PromptTokens, c.Baseline.KVCells)
+			for _, f := range []string{"chunked-" + rt + ".json", "chunked-" + rt + ".md", "chunked-" + rt + ".png"} {
+				_, err := os.Stat(filepath.Join(out, f))
+				assert.NoError(t, err)
+			}
+		})
+	}
+}
+
+func TestBenchE2EFlags(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	assert.Equal(t, 1, run([]string{"bench", "e2e"}, &stdout, &stderr))
+	assert.Contains(t, stderr.String(), "--model is required")
+	stderr.Reset()
+	assert.Equal(t, 1, run([]string{"bench", "e2e", "--model", "x", "--keep", "0"}, &stdout, &stderr))
+	assert.Contains(t, stderr.String(), "not in (0, 1]")
+	ks, err := parseKeeps("0.25,0.5")
+	require.NoError(t, err)
+	assert.Equal(t, []float64{1, 0.5, 0.25}, ks)
+}

@@ -1,0 +1,395 @@
+// Package e2ebench measures kvnorm end to end on a runtime driven through
+// hooks.Engine: prefill time with and without key capture, compression
+// time, KV cells and bytes in use, decode speed and peak RSS, for a grid of
+// prompt lengths and keep ratios (RunRow), and the memory of a prompt several
+// times longer than the cache fed through chunked prefill (RunChunked).
+//
+// Each row is meant to run in a process of its own (the kvnorm CLI re-execs
+// itself) so that the peak RSS (VmHWM) is the row's own.
+package e2ebench
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"time"
+
+	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/hooks"
+)
+
+// Text is what prompts are made of: it is tokenized once, and its token ids
+// are repeated to the wanted length and fed to the engine directly.
+const Text = `The committee met on a grey Tuesday morning to review the quarterly figures. Sales in the northern region had risen by four percent, while the coastal offices reported a small decline caused by the storm in early spring. After a short discussion about shipping costs, the chair asked each team to prepare a plan for the next season, listing the risks, the people responsible and the dates by which each step should be finished. Lunch was served at noon in the small hall beside the library.`
+
+// PromptSource says how prompts are made, for the report.
+const PromptSource = "token ids fed directly to Prefill: BOS + the tokens of a fixed English paragraph, repeated and cut to the exact length"
+
+// Spec is one measurement: a row (Kind "row") or the chunked-prefill
+// experiment (Kind "chunked").
+type Spec struct {
+	Kind         string  `json:"kind"`
+	Runtime      string  `json:"runtime"`
+	Model        string  `json:"model"`
+	Tokenizer    string  `json:"tokenizer,omitempty"`
+	PromptTokens int     `json:"prompt_tokens"`
+	Keep         float64 `json:"keep"`
+	// Decode is the number of tokens decoded after the prompt (rows).
+	Decode int `json:"decode"`
+	// Ctx is the cells per sequence asked of the engine; 0 chooses
+	// (rows: the prompt and the decoded tokens rounded up to 256, at least
+	// 2048; chunked: required).
+	Ctx     int `json:"ctx"`
+	Threads int `json:"threads"`
+	// Granularity is per-token, per-head or auto (per-head when the engine
+	// can compact heads, else per-token).
+	Granularity string `json:"granularity"`
+	SkipLayers  []int  `json:"skip_layers"`
+	// Repeat alternates the prefill without and with the capture observer
+	// this many times and keeps the fastest of each (at least 1).
+	Repeat int `json:"repeat"`
+	// DecodeObserver keeps the compressor attached while decoding a
+	// compressed row (as a deployment must, to compress under pressure);
+	// the uncompressed row (keep 1) always decodes without an observer.
+	DecodeObserver bool `json:"decode_observer"`
+	// Uncompressed (chunked): no compressor; the context holds the whole
+	// prompt (the memory baseline of the chunked experiment).
+	Uncompressed bool `json:"uncompressed,omitempty"`
+}
+
+// AutoCtx is the context a row asks for when Spec.Ctx is 0: room for the
+// prompt and the decoded tokens, rounded up to 256 cells, at least 2048 (so
+// that an engine sizing its batches from the cache keeps batches of 512).
+func AutoCtx(promptTokens, decode int) int {
+	n := promptTokens + decode + 1
+	n = (n + 255) / 256 * 256
+	return max(n, 2048)
+}
+
+// Row is one measured (prompt length, keep) pair.
+type Row struct {
+	Runtime      string  `json:"runtime"`
+	Model        string  `json:"model"`
+	Arch         string  `json:"arch"`
+	Granularity  string  `json:"granularity"`
+	Policy       string  `json:"policy"`
+	FlashAttn    bool    `json:"flash_attn"`
+	Threads      int     `json:"threads"`
+	Ctx          int     `json:"ctx_cells"`
+	KType        string  `json:"k_type"`
+	VType        string  `json:"v_type"`
+	PromptTokens int     `json:"prompt_tokens"`
+	PromptSource string  `json:"prompt_source"`
+	Keep         float64 `json:"keep"`
+	Repeat       int     `json:"repeat"`
+
+	// PrefillMs decodes the prompt with no observer; PrefillCaptureMs with an
+	// observer that records every layer's key norms but evicts nothing
+	// (PrefillDone is deferred). CaptureOverhead is their relative
+	// difference; ObserveMs the part spent inside the observer (norms and
+	// bookkeeping, from adapter.Totals.ObserveTime).
+	PrefillMs        float64 `json:"prefill_ms"`
+	PrefillCaptureMs float64 `json:"prefill_capture_ms"`
+	CaptureOverhead  float64 `json:"capture_overhead"`
+	ObserveMs        float64 `json:"observe_ms"`
+	// CompressMs is the wall time of the prefill compression (PrefillDone:
+	// plan + evict); PlanMs and ApplyMs are the compressor's own split.
+	// CompressFrac is CompressMs / PrefillMs.
+	CompressMs   float64 `json:"compress_ms"`
+	PlanMs       float64 `json:"plan_ms"`
+	ApplyMs      float64 `json:"apply_ms"`
+	CompressFrac float64 `json:"compress_frac_of_prefill"`
+
+	// KV in use before and after the compression: distinct live positions
+	// (cells), live (layer, KV head, position) entries, and their K+V bytes
+	// (entries × EntryBytes). KVBytesAllocated is what the cache holds room
+	// for (ctx cells × layers × KV heads × EntryBytes).
+	KVCellsBefore    int   `json:"kv_cells_before"`
+	KVCells          int   `json:"kv_cells"`
+	KVEntriesBefore  int64 `json:"kv_entries_before"`
+	KVEntries        int64 `json:"kv_entries"`
+	EntryBytes       int64 `json:"entry_bytes"`
+	KVBytesBefore    int64 `json:"kv_bytes_before"`
+	KVBytes          int64 `json:"kv_bytes"`
+	KVBytesAllocated int64 `json:"kv_bytes_allocated"`
+
+	DecodeTokens     int     `json:"decode_tokens"`
+	DecodeMs         float64 `json:"decode_ms"`
+	DecodeTokensPerS float64 `json:"decode_tokens_per_s"`
+	DecodeObserver   bool    `json:"decode_observer"`
+
+	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
+	// the end of the row.
+	PeakRSSBytes int64 `json:"peak_rss_bytes"`
+	RSSAnonBytes int64 `json:"rss_anon_bytes"`
+	RSSFileBytes int64 `json:"rss_file_bytes"`
+	// ChildProcess is true when the row ran in a process of its own (its
+	// peak RSS is its own).
+	ChildProcess bool    `json:"child_process"`
+	LoadAvg1     float64 `json:"load_avg_1m"`
+	WallS        float64 `json:"wall_s"`
+
+	// Ratios to the uncompressed row (keep 1) of the same runtime and prompt
+	// length measured in the same run (0 when there is none).
+	RatioKVCells   float64 `json:"ratio_kv_cells"`
+	RatioKVBytes   float64 `json:"ratio_kv_bytes"`
+	RatioPrefill   float64 `json:"ratio_prefill"`
+	RatioDecodeTPS float64 `json:"ratio_decode_tokens_per_s"`
+	RatioPeakRSS   float64 `json:"ratio_peak_rss"`
+	RatioRSSAnon   float64 `json:"ratio_rss_anon"`
+}
+
+// captureOnly records key norms through its compressor but defers the
+// prefill compression, so that prefill with capture is timed apart from the
+// compression. Cache pressure still compresses (a prompt longer than the
+// cache needs it).
+type captureOnly struct{ *adapter.Compressor }
+
+func (captureOnly) PrefillDone(seq hooks.SeqID) (hooks.Stats, error) {
+	return hooks.Stats{Seq: seq, Trigger: hooks.TriggerPrefill.String(), Skipped: true}, nil
+}
+
+// Policy is the knorm policy of a spec on an engine.
+func Policy(s Spec, eng hooks.Engine) (adapter.Policy, error) {
+	p := adapter.DefaultPolicy()
+	p.Keep = s.Keep
+	if s.SkipLayers != nil {
+		p.SkipLayers = s.SkipLayers
+	}
+	switch s.Granularity {
+	case "", "auto":
+		if _, ok := eng.(hooks.HeadCompactor); ok {
+			p.Granularity = hooks.PerHead
+		} else {
+			p.Granularity = hooks.PerToken
+		}
+	default:
+		g, err := hooks.ParseGranularity(s.Granularity)
+		if err != nil {
+			return p, err
+		}
+		p.Granularity = g
+	}
+	return p, p.Validate()
+}
+
+// PromptTokens returns exactly n token ids: BOS and the tokens of Text,
+// repeated.
+func PromptTokens(eng hooks.Engine, n int) ([]int32, error) {
+	if n <= 0 {
+		return nil, fmt.Errorf("e2ebench: prompt of %d tokens", n)
+	}
+	head, err := eng.Tokenize(Text, true)
+	if err != nil {
+		return nil, err
+	}
+	body, err := eng.Tokenize(" "+Text, false)
+	if err != nil {
+		return nil, err
+	}
+	if len(body) == 0 {
+		return nil, errors.New("e2ebench: the prompt text has no tokens")
+	}
+	out := make([]int32, 0, n+len(body))
+	out = append(out, head...)
+	for len(out) < n {
+		out = append(out, body...)
+	}
+	return out[:n], nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
+
+func open(f conformance.EngineFactory, s Spec, ctx int, log io.Writer) (hooks.Engine, error) {
+	if f == nil {
+		return nil, fmt.Errorf("e2ebench: runtime %q is not registered", s.Runtime)
+	}
+	return f(conformance.EngineOptions{Model: s.Model, Tokenizer: s.Tokenizer, Context: ctx, Threads: s.Threads, Log: log})
+}
+
+// RunRow measures one row on a freshly opened engine:
+//
+//  1. warm-up: a short prefill, removed;
+//  2. Repeat times: the prompt without an observer, removed; the prompt with
+//     a capture-only observer (a compressor whose prefill compression is
+//     deferred), removed but for the last;
+//  3. the prefill compression (PrefillDone of that compressor), timed;
+//  4. Decode tokens, one at a time (greedy), timed;
+//  5. VmHWM.
+func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
+	start := time.Now()
+	if log == nil {
+		log = io.Discard
+	}
+	if s.Repeat < 1 {
+		s.Repeat = 1
+	}
+	if s.Keep <= 0 || s.Keep > 1 {
+		return nil, fmt.Errorf("e2ebench: keep %g outside (0, 1]", s.Keep)
+	}
+	ctx := s.Ctx
+	if ctx <= 0 {
+		ctx = AutoCtx(s.PromptTokens, s.Decode)
+	}
+	load := LoadAvg()
+	eng, err := open(f, s, ctx, log)
+	if err != nil {
+		return nil, err
+	}
+	defer eng.Close()
+	info, shape := eng.Info(), eng.CacheShape()
+	if s.PromptTokens+s.Decode > info.Context {
+		return nil, fmt.Errorf("e2ebench: %d prompt + %d decoded tokens exceed the context of %d cells", s.PromptTokens, s.Decode, info.Context)
+	}
+	pol, err := Policy(s, eng)
+	if err != nil {
+		return nil, err
+	}
+	entry, err := shape.EntryBytes()
+	if err != nil {
+		return nil, err
+	}
+	toks, err := PromptTokens(eng, s.PromptTokens)
+	if err != nil {
+		return nil, err
+	}
+	const seq = 0
+	if _, err := eng.Prefill(seq, toks[:min(len(toks), 32)], false); err != nil {
+		return nil, fmt.Errorf("warm-up: %w", err)
+	}
+	if err := eng.RemoveSequence(seq); err != nil {
+		return nil, err
+	}
+
+	r := &Row{
+		Runtime: info.Runtime, Model: s.Model, Arch: info.Arch, Granularity: pol.Granularity.String(), Policy: pol.String(),
+		FlashAttn: info.FlashAttn, Threads: s.Threads, Ctx: info.Context, KType: shape.KType.String(), VType: shape.VType.String(),
+		PromptTokens: s.PromptTokens, PromptSource: PromptSource, Keep: s.Keep, Repeat: s.Repeat,
+		EntryBytes: entry, KVBytesAllocated: int64(info.Context) * int64(shape.Layers*shape.KVHeads) * entry,
+		LoadAvg1: load,
+	}
+	var (
+		logits  [][]float32
+		comp    *adapter.Compressor
+		off, on = time.Duration(math.MaxInt64), time.Duration(math.MaxInt64)
+	)
+	for i := range s.Repeat {
+		eng.SetObserver(nil)
+		t := time.Now()
+		if _, err := eng.Prefill(seq, toks, false); err != nil {
+			return nil, fmt.Errorf("prefill: %w", err)
+		}
+		off = min(off, time.Since(t))
+		if err := eng.RemoveSequence(seq); err != nil {
+			return nil, err
+		}
+		if comp, err = adapter.New(eng, pol); err != nil {
+			return nil, err
+		}
+		eng.SetObserver(captureOnly{comp})
+		t = time.Now()
+		if logits, err = eng.Prefill(seq, toks, false); err != nil {
+			return nil, fmt.Errorf("prefill with capture: %w", err)
+		}
+		d := time.Since(t)
+		if d < on {
+			on = d
+			r.ObserveMs = ms(comp.Totals().ObserveTime)
+		}
+		fmt.Fprintf(log, "e2e %s: %d tokens keep %g: prefill %.0f ms, with capture %.0f ms (%d/%d)\n",
+			info.Runtime, s.PromptTokens, s.Keep, ms(off), ms(d), i+1, s.Repeat)
+		if i < s.Repeat-1 {
+			if err := eng.RemoveSequence(seq); err != nil {
+				return nil, err
+			}
+		}
+	}
+	r.PrefillMs, r.PrefillCaptureMs = ms(off), ms(on)
+	r.CaptureOverhead = (r.PrefillCaptureMs - r.PrefillMs) / r.PrefillMs
+
+	if r.KVCellsBefore, r.KVEntriesBefore, err = eng.Live(seq); err != nil {
+		return nil, err
+	}
+	t := time.Now()
+	st, err := comp.PrefillDone(seq)
+	if err != nil {
+		return nil, fmt.Errorf("compress: %w", err)
+	}
+	r.CompressMs = ms(time.Since(t))
+	r.PlanMs, r.ApplyMs = ms(st.PlanTime), ms(st.ApplyTime)
+	r.CompressFrac = r.CompressMs / r.PrefillMs
+	if r.KVCells, r.KVEntries, err = eng.Live(seq); err != nil {
+		return nil, err
+	}
+	r.KVBytesBefore, r.KVBytes = r.KVEntriesBefore*entry, r.KVEntries*entry
+
+	// The uncompressed row is the plain runtime; a compressed one keeps its
+	// compressor attached (it must see new keys to compress under pressure).
+	r.DecodeObserver = s.DecodeObserver && s.Keep < 1
+	if r.DecodeObserver {
+		eng.SetObserver(comp)
+	} else {
+		eng.SetObserver(nil)
+	}
+	if s.Decode > 0 {
+		next := argmax(logits[len(logits)-1])
+		t := time.Now()
+		for range s.Decode {
+			l, err := eng.Decode(seq, []int32{next})
+			if err != nil {
+				return nil, fmt.Errorf("decode: %w", err)
+			}
+			next = argmax(l[len(l)-1])
+		}
+		d := time.Since(t)
+		r.DecodeTokens, r.DecodeMs = s.Decode, ms(d)
+		r.DecodeTokensPerS = float64(s.Decode) / d.Seconds()
+	}
+	eng.SetObserver(nil)
+	if m, err := ReadMem(); err == nil {
+		r.PeakRSSBytes, r.RSSAnonBytes, r.RSSFileBytes = m.HWM, m.Anon, m.File
+	}
+	r.WallS = time.Since(start).Seconds()
+	return r, nil
+}
+
+func argmax(l []float32) int32 {
+	best := 0
+	for i, v := range l {
+		if v > l[best] {
+			best = i
+		}
+	}
+	return int32(best)
+}
+
+// SetRatios fills every row's ratios to the keep-1 row of the same runtime
+// and prompt length.
+func SetRatios(rows []*Row) {
+	div := func(a, b float64) float64 {
+		if b == 0 {
+			return 0
+		}
+		return a / b
+	}
+	for _, r := range rows {
+		var base *Row
+		for _, b := range rows {
+			if b.Keep == 1 && b.Runtime == r.Runtime && b.PromptTokens == r.PromptTokens {
+				base = b
+				break
+			}
+		}
+		if base == nil {
+			continue
+		}
+		r.RatioKVCells = div(float64(r.KVCells), float64(base.KVCells))
+		r.RatioKVBytes = div(float64(r.KVBytes), float64(base.KVBytes))
+		r.RatioPrefill = div(r.PrefillMs, base.PrefillMs)
+		r.RatioDecodeTPS = div(r.DecodeTokensPerS, base.DecodeTokensPerS)
+		r.RatioPeakRSS = div(float64(r.PeakRSSBytes), float64(base.PeakRSSBytes))
+		r.RatioRSSAnon = div(float64(r.RSSAnonBytes), float64(base.RSSAnonBytes))
+	}
+}

@@ -1,0 +1,72 @@
+package e2ebench
+
+import (
+	"bytes"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseStatus(t *testing.T) {
+	m, err := parseStatus([]byte("Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nRssAnon:\t 512 kB\nRssFile:\t 256 kB\n"))
+	require.NoError(t, err)
+	assert.Equal(t, Mem{RSS: 1 << 20, HWM: 2 << 20, Anon: 512 << 10, File: 256 << 10}, m)
+	_, err = parseStatus([]byte("Name: x\n"))
+	assert.Error(t, err)
+	m, err = ReadMem()
+	if err == nil {
+		assert.Positive(t, m.HWM)
+	}
+}
+
+func TestAutoCtx(t *testing.T) {
+	assert.Equal(t, 2048, AutoCtx(512, 32))
+	assert.Equal(t, 2304, AutoCtx(2048, 32))
+	assert.Equal(t, 8448, AutoCtx(8192, 32))
+}
+
+func testRows() []*Row {
+	mk := func(p int, k float64, cells int, tps float64) *Row {
+		return &Row{Runtime: "x", PromptTokens: p, Keep: k, KVCellsBefore: p, KVCells: cells, KVEntriesBefore: int64(p) * 4,
+			KVEntries: int64(cells) * 4, EntryBytes: 64, KVBytesBefore: int64(p) * 256, KVBytes: int64(cells) * 256,
+			PrefillMs: 100, PrefillCaptureMs: 103, CaptureOverhead: 0.03, CompressMs: 1, CompressFrac: 0.01,
+			DecodeTokensPerS: tps, PeakRSSBytes: 1000, RSSAnonBytes: 100}
+	}
+	return []*Row{mk(64, 1, 64, 10), mk(64, 0.5, 32, 9), mk(128, 0.5, 64, 12), mk(128, 1, 128, 10)}
+}
+
+func TestSetRatiosAndTargets(t *testing.T) {
+	rows := testRows()
+	SetRatios(rows)
+	assert.Equal(t, 1.0, rows[0].RatioKVBytes)
+	assert.Equal(t, 0.5, rows[1].RatioKVBytes)
+	assert.Equal(t, 0.9, rows[1].RatioDecodeTPS)
+	assert.Equal(t, 1.2, rows[2].RatioDecodeTPS, "the base row may come after")
+	holds := map[string]bool{}
+	for _, tg := range Targets(rows) {
+		holds[tg.Name] = tg.Holds
+	}
+	assert.False(t, holds["decode at keep 0.5 ≥ uncompressed: x 64 tokens keep 0.5"])
+	assert.True(t, holds["decode at keep 0.5 ≥ uncompressed: x 128 tokens keep 0.5"])
+	assert.True(t, holds["KV bytes ∝ kept: x 64 tokens keep 0.5"])
+	assert.True(t, holds["capture ≤ 5% of prefill: x 64 tokens keep 0.5"])
+	assert.True(t, holds["compress ≤ 2% of prefill: x 64 tokens keep 0.5"])
+
+	var b bytes.Buffer
+	require.NoError(t, WriteTable(&b, rows, true))
+	assert.Contains(t, b.String(), "| x | 64 | 0.5 | 32 |")
+	require.NoError(t, PlotRows(filepath.Join(t.TempDir(), "p.png"), "t", rows))
+}
+
+func TestChunkedReport(t *testing.T) {
+	c := &Chunked{Runtime: "x", Ctx: 256, PromptTokens: 1024, Keep: 0.25, FullAt: 0,
+		Samples:  []Sample{{Chunk: 0, TokensFed: 256, LiveCells: 256, Mem: Mem{RSS: 10 << 20, HWM: 11 << 20}}, {Chunk: 1, TokensFed: 1024, LiveCells: 200, Mem: Mem{RSS: 10 << 20, HWM: 11 << 20}}},
+		Baseline: &Chunked{PromptTokens: 1024, Ctx: 1280, PeakRSSBytes: 20 << 20}, PeakRSSBytes: 11 << 20}
+	var b bytes.Buffer
+	require.NoError(t, WriteChunked(&b, c, true))
+	assert.Contains(t, b.String(), "| 1 | 1024 | 200 |")
+	assert.Contains(t, b.String(), "×0.550")
+	require.NoError(t, PlotChunked(filepath.Join(t.TempDir(), "c.png"), c))
+}
