@@ -76,11 +76,16 @@ func noAttention(err error) error {
 	return err
 }
 
+// tinyEmbd is the model width below which the conformance engine runs on
+// one thread unless told otherwise (about 50M parameters).
+const tinyEmbd = 768
+
 // openLlamacppEngine opens the llama.cpp runtime for the conformance suite:
 // one sequence of o.Context cells (the model's trained context when 0) in
 // chunks of a quarter of the cache, flash attention on, or off when the
 // suite records attention (o.Attention: llama.cpp computes the
-// probabilities, kq_soft_max, only without it).
+// probabilities, kq_soft_max, only without it); o.Threads threads, or one for
+// a tiny model when 0.
 func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	logw := o.Log
 	if logw == nil {
@@ -103,6 +108,15 @@ func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	// when a prompt outgrows the cache.
 	batch := max(1, min(512, n/4))
 	co := llamacpp.ContextOptions{NCtx: n, NBatch: batch, Threads: o.Threads}
+	if co.Threads <= 0 && m.Info().Embd < tinyEmbd {
+		// ggml's threads spin at a barrier after every op: on a tiny model
+		// an op takes microseconds, and with fewer free cores than threads
+		// each barrier waits for a scheduler slice. stories260K sampled
+		// text at 100-400 ms/token on 2 threads of a shared 2-core machine,
+		// ~1 ms on one.
+		co.Threads = 1
+		fmt.Fprintf(logw, "llamacpp: 1 thread for a model of width %d (< %d; --threads overrides)\n", m.Info().Embd, tinyEmbd)
+	}
 	if o.Attention {
 		co.FlashAttn = llamacpp.FlashAttnOff
 		fmt.Fprintf(logw, "llamacpp: flash attention off to record attention (kq_soft_max)\n")

@@ -411,13 +411,16 @@ func TestConformanceAttentionLlamacpp(t *testing.T) {
 }
 
 // TestLlamacppNoAttention: with flash attention on the engine says so as
-// conformance.ErrNoAttention (the task reports n/a).
+// conformance.ErrNoAttention (the task reports n/a). Also: a tiny model gets
+// one thread when the suite asks for the default.
 func TestLlamacppNoAttention(t *testing.T) {
 	ckpt, tok := llamacppModels(t)
-	e, err := engines["llamacpp"](conformance.EngineOptions{Model: ckpt, Tokenizer: tok, Threads: 1, Log: io.Discard})
+	var log bytes.Buffer
+	e, err := engines["llamacpp"](conformance.EngineOptions{Model: ckpt, Tokenizer: tok, Log: &log})
 	require.NoError(t, err)
 	defer e.Close()
 	assert.True(t, e.Info().FlashAttn)
+	assert.Contains(t, log.String(), "1 thread for a model of width 64", "a tiny model runs on one thread by default")
 	rec, ok := e.(conformance.AttentionRecorder)
 	require.True(t, ok)
 	err = rec.RecordAttention(func(*conformance.AttentionBatch) error { return nil })
