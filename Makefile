@@ -8,6 +8,19 @@ OLLAMA_MOD := github.com/ollama/ollama
 # module cache; llamacpp/.ollama links to it (nothing of Ollama is committed).
 OLLAMA_LINK := llamacpp/.ollama
 
+# ggml's CPU code gets no SIMD from a plain cgo build (only -O2): its dot
+# products compile to scalar loops and its fast matmul kernels drop out. On an
+# x86-64 CPU with AVX2+FMA+F16C we build every cgo package (llama.cpp, ggml and
+# the Ollama fork) for x86-64-v3; the binaries then need such a CPU. Override
+# with `make CGO_CFLAGS=-O2 CGO_CXXFLAGS=-O2` for a portable build.
+ifeq ($(shell uname -m),x86_64)
+ifneq ($(shell grep -m1 -o -w avx2 /proc/cpuinfo 2>/dev/null),)
+CGO_CFLAGS   ?= -O2 -g -march=x86-64-v3
+CGO_CXXFLAGS ?= -O2 -g -march=x86-64-v3
+export CGO_CFLAGS CGO_CXXFLAGS
+endif
+endif
+
 .PHONY: all build headers test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
 
 all: build
