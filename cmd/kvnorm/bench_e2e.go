@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/internal/e2ebench"
@@ -47,11 +48,13 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	threads := fs.Int("threads", runtime.NumCPU(), "CPU threads for the runtime")
 	gran := fs.String("granularity", "auto", "per-token|per-head|auto (per-head where the runtime can compact heads)")
 	skip := fs.String("skip-layers", "0,1", "layers that keep every key (comma list or none)")
-	repeat := fs.Int("repeat", 1, "prefills without and with key capture, alternated; the fastest of each is kept")
+	repeat := fs.Int("repeat", 2, "prefills without and with key capture, alternated; the fastest of each is kept")
 	decObs := fs.Bool("decode-observer", true, "keep the compressor attached while decoding compressed rows (as a deployment must)")
 	chunked := fs.Bool("chunked", false, "the chunked-prefill memory experiment instead of the rows: a prompt of --chunk-factor × --ctx tokens at the smallest --keep, RSS after each chunk")
 	factor := fs.Int("chunk-factor", 4, "--chunked: prompt length in multiples of the cache")
 	baseline := fs.Bool("chunked-baseline", true, "--chunked: also measure the prompt uncompressed in a cache that holds it")
+	maxLoad := fs.Float64("max-load", 0, "on a shared machine: before each row, wait until the 1-minute load average is below this (0: do not wait)")
+	loadWait := fs.Duration("max-load-wait", 15*time.Minute, "the longest --max-load waits before a row (then it measures anyway, and the row's load says so)")
 	inProc := fs.Bool("in-process", false, "measure in this process instead of one child process per row (peak RSS is then cumulative)")
 	asJSON := fs.Bool("json", false, "print JSON (a list of rows; with --chunked, the chunked result) instead of tables")
 	out := fs.String("out", "", "directory for the JSON, a markdown table and the plot (e2e-RUNTIME.*, chunked-RUNTIME.*)")
@@ -90,6 +93,9 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	measure := func(s e2ebench.Spec, dst any) error {
+		if *maxLoad > 0 {
+			waitLoad(*maxLoad, *loadWait, stderr)
+		}
 		if *inProc {
 			return measureSpec(s, dst, stderr)
 		}
@@ -181,6 +187,27 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "  %s %s: %s\n", mark, t.Name, t.Detail)
 	}
 	return nil
+}
+
+// waitLoad waits until the 1-minute load average is below limit, at most
+// for wait.
+func waitLoad(limit float64, wait time.Duration, log io.Writer) {
+	deadline := time.Now().Add(wait)
+	said := false
+	for {
+		l := e2ebench.LoadAvg()
+		if l < limit || time.Now().After(deadline) {
+			if said {
+				fmt.Fprintf(log, "e2e: load %.2f, measuring\n", l)
+			}
+			return
+		}
+		if !said {
+			fmt.Fprintf(log, "e2e: load %.2f ≥ %.2f: waiting (at most %s)\n", l, limit, time.Until(deadline).Round(time.Second))
+			said = true
+		}
+		time.Sleep(5 * time.Second)
+	}
 }
 
 // parseKeeps parses the keep ratios, descending, with 1 added when missing.

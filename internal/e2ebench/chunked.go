@@ -62,6 +62,7 @@ type Chunked struct {
 	AnonGrowth     int64   `json:"rss_anon_growth_bytes"`
 	ChildProcess   bool    `json:"child_process"`
 	LoadAvg1       float64 `json:"load_avg_1m"`
+	LoadAvg1End    float64 `json:"load_avg_1m_end"`
 	// Baseline is the same prompt uncompressed in a context that holds it
 	// (when measured).
 	Baseline *Chunked `json:"baseline,omitempty"`
@@ -161,7 +162,7 @@ func RunChunked(f conformance.EngineFactory, s Spec, log io.Writer) (*Chunked, e
 		return nil, err
 	}
 	const seq = 0
-	if _, err := eng.Prefill(seq, toks[:min(len(toks), 32)], false); err != nil {
+	if _, err := eng.Prefill(seq, toks[:min(len(toks), WarmupTokens)], false); err != nil {
 		return nil, fmt.Errorf("warm-up: %w", err)
 	}
 	if err := eng.RemoveSequence(seq); err != nil {
@@ -190,6 +191,7 @@ func RunChunked(f conformance.EngineFactory, s Spec, log io.Writer) (*Chunked, e
 	res.PrefillMs = ms(time.Since(smp.start))
 	eng.SetObserver(nil)
 	res.End, _ = ReadMem()
+	res.LoadAvg1End = LoadAvg()
 	res.PeakRSSBytes = res.End.HWM
 	res.Samples = smp.samples
 	if smp.comp != nil {

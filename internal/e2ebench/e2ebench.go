@@ -59,6 +59,11 @@ type Spec struct {
 	Uncompressed bool `json:"uncompressed,omitempty"`
 }
 
+// WarmupTokens is the length of the prefill that warms an engine up before
+// anything is timed (first-call allocations, page faults, the compute graph of
+// a full batch): as long as the prompt, at most one full batch of 512.
+const WarmupTokens = 512
+
 // AutoCtx is the context a row asks for when Spec.Ctx is 0: room for the
 // prompt and the decoded tokens, rounded up to 256 cells, at least 2048 (so
 // that an engine sizing its batches from the cache keeps batches of 512).
@@ -127,9 +132,12 @@ type Row struct {
 	RSSFileBytes int64 `json:"rss_file_bytes"`
 	// ChildProcess is true when the row ran in a process of its own (its
 	// peak RSS is its own).
-	ChildProcess bool    `json:"child_process"`
-	LoadAvg1     float64 `json:"load_avg_1m"`
-	WallS        float64 `json:"wall_s"`
+	ChildProcess bool `json:"child_process"`
+	// LoadAvg1 is the machine's 1-minute load average when the row started,
+	// LoadAvg1End when it ended (this row's own threads included).
+	LoadAvg1    float64 `json:"load_avg_1m"`
+	LoadAvg1End float64 `json:"load_avg_1m_end"`
+	WallS       float64 `json:"wall_s"`
 
 	// Ratios to the uncompressed row (keep 1) of the same runtime and prompt
 	// length measured in the same run (0 when there is none).
@@ -211,7 +219,7 @@ func open(f conformance.EngineFactory, s Spec, ctx int, log io.Writer) (hooks.En
 
 // RunRow measures one row on a freshly opened engine:
 //
-//  1. warm-up: a short prefill, removed;
+//  1. warm-up: a prefill of up to WarmupTokens tokens, removed;
 //  2. Repeat times: the prompt without an observer, removed; the prompt with
 //     a capture-only observer (a compressor whose prefill compression is
 //     deferred), removed but for the last;
@@ -256,7 +264,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 		return nil, err
 	}
 	const seq = 0
-	if _, err := eng.Prefill(seq, toks[:min(len(toks), 32)], false); err != nil {
+	if _, err := eng.Prefill(seq, toks[:min(len(toks), WarmupTokens)], false); err != nil {
 		return nil, fmt.Errorf("warm-up: %w", err)
 	}
 	if err := eng.RemoveSequence(seq); err != nil {
@@ -352,6 +360,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 		r.PeakRSSBytes, r.RSSAnonBytes, r.RSSFileBytes = m.HWM, m.Anon, m.File
 	}
 	r.WallS = time.Since(start).Seconds()
+	r.LoadAvg1End = LoadAvg()
 	return r, nil
 }
 

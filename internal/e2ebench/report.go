@@ -12,7 +12,7 @@ func mib(b int64) float64 { return float64(b) / (1 << 20) }
 // WriteTable prints the rows as an aligned text table (markdown when md is
 // set).
 func WriteTable(w io.Writer, rows []*Row, md bool) error {
-	head := []string{"runtime", "prompt", "keep", "cells", "KV MiB", "×KV", "prefill ms", "capture", "compress ms", "%prefill", "decode tok/s", "×decode", "peak RSS MiB", "anon MiB"}
+	head := []string{"runtime", "prompt", "keep", "cells", "KV MiB", "×KV", "prefill ms", "capture", "compress ms", "%prefill", "decode tok/s", "×decode", "peak RSS MiB", "anon MiB", "load"}
 	line := func(cells []string) string {
 		if md {
 			return "| " + strings.Join(cells, " | ") + " |\n"
@@ -42,6 +42,7 @@ func WriteTable(w io.Writer, rows []*Row, md bool) error {
 			fmt.Sprintf("%.2f", r.CompressMs), fmt.Sprintf("%.3f%%", 100*r.CompressFrac),
 			fmt.Sprintf("%.2f", r.DecodeTokensPerS), fmt.Sprintf("%.3f", r.RatioDecodeTPS),
 			fmt.Sprintf("%.0f", mib(r.PeakRSSBytes)), fmt.Sprintf("%.0f", mib(r.RSSAnonBytes)),
+			fmt.Sprintf("%.1f→%.1f", r.LoadAvg1, r.LoadAvg1End),
 		}))
 	}
 	if tw != nil {
