@@ -162,7 +162,7 @@ func RunChunked(f conformance.EngineFactory, s Spec, log io.Writer) (*Chunked, e
 		return nil, err
 	}
 	const seq = 0
-	if _, err := eng.Prefill(seq, toks[:min(len(toks), WarmupTokens)], false); err != nil {
+	if _, err := eng.Prefill(seq, toks[:min(len(toks), WarmupTokens, info.Context/2)], false); err != nil {
 		return nil, fmt.Errorf("warm-up: %w", err)
 	}
 	if err := eng.RemoveSequence(seq); err != nil {
