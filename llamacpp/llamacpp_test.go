@@ -551,9 +551,12 @@ func TestDecodeOutputs(t *testing.T) {
 		require.NoError(t, err)
 		step = append(step, l)
 	}
+	// Batched and one-token decodes run different matmul kernels (ggml's
+	// tinyBLAS takes batches in a SIMD build) over an f16 cache: they agree
+	// to 5e-3 (measured 1.4e-3 with -march=x86-64-v3, 0 without SIMD).
 	for k, i := range []int{5, 20, 39} {
 		for j := range out[k] {
-			require.InDelta(t, step[i][j], out[k][j], 1e-3, "token %d logit %d", i, j)
+			require.InDelta(t, step[i][j], out[k][j], 5e-3, "token %d logit %d", i, j)
 		}
 	}
 }
