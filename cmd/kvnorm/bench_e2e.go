@@ -57,9 +57,13 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	loadWait := fs.Duration("max-load-wait", 15*time.Minute, "the longest --max-load waits before a row (then it measures anyway, and the row's load says so)")
 	inProc := fs.Bool("in-process", false, "measure in this process instead of one child process per row (peak RSS is then cumulative)")
 	asJSON := fs.Bool("json", false, "print JSON (a list of rows; with --chunked, the chunked result) instead of tables")
+	fromJSON := fs.String("from-json", "", "measure nothing: print and write (--out) the tables and plots of a JSON file an earlier run wrote (rows or --chunked)")
 	out := fs.String("out", "", "directory for the JSON, a markdown table and the plot (e2e-RUNTIME.*, chunked-RUNTIME.*)")
 	if _, err := parseFlags(fs, args, 0); err != nil {
 		return err
+	}
+	if *fromJSON != "" {
+		return replayE2E(*fromJSON, *chunked, *out, *asJSON, stdout)
 	}
 	if *model == "" {
 		return errors.New("--model is required")
@@ -121,26 +125,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 				return fmt.Errorf("uncompressed baseline: %w", err)
 			}
 		}
-		if *out != "" {
-			stem := filepath.Join(*out, "chunked-"+*rt)
-			if err := writeJSON(stem+".json", &res); err != nil {
-				return err
-			}
-			var md bytes.Buffer
-			if err := e2ebench.WriteChunked(&md, &res, true); err != nil {
-				return err
-			}
-			if err := os.WriteFile(stem+".md", md.Bytes(), 0o644); err != nil {
-				return err
-			}
-			if err := e2ebench.PlotChunked(stem+".png", &res); err != nil {
-				return err
-			}
-		}
-		if *asJSON {
-			return encodeJSON(stdout, &res)
-		}
-		return e2ebench.WriteChunked(stdout, &res, false)
+		return reportChunked(&res, *out, *asJSON, stdout)
 	}
 
 	var rows []*e2ebench.Row
@@ -156,8 +141,65 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	e2ebench.SetRatios(rows)
-	if *out != "" {
-		stem := filepath.Join(*out, "e2e-"+*rt)
+	return reportRows(rows, *out, *asJSON, stdout)
+}
+
+// replayE2E prints and writes the reports of a JSON file of an earlier run.
+func replayE2E(path string, chunked bool, out string, asJSON bool, stdout io.Writer) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if out != "" {
+		if err := os.MkdirAll(out, 0o755); err != nil {
+			return err
+		}
+	}
+	if chunked {
+		var c e2ebench.Chunked
+		if err := json.Unmarshal(b, &c); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+		return reportChunked(&c, out, asJSON, stdout)
+	}
+	var rows []*e2ebench.Row
+	if err := json.Unmarshal(b, &rows); err != nil {
+		return fmt.Errorf("%s: %w (a --chunked result needs --chunked)", path, err)
+	}
+	if len(rows) == 0 {
+		return fmt.Errorf("%s: no rows", path)
+	}
+	e2ebench.SetRatios(rows)
+	return reportRows(rows, out, asJSON, stdout)
+}
+
+func reportChunked(res *e2ebench.Chunked, out string, asJSON bool, stdout io.Writer) error {
+	if out != "" {
+		stem := filepath.Join(out, "chunked-"+res.Runtime)
+		if err := writeJSON(stem+".json", res); err != nil {
+			return err
+		}
+		var md bytes.Buffer
+		if err := e2ebench.WriteChunked(&md, res, true); err != nil {
+			return err
+		}
+		if err := os.WriteFile(stem+".md", md.Bytes(), 0o644); err != nil {
+			return err
+		}
+		if err := e2ebench.PlotChunked(stem+".png", res); err != nil {
+			return err
+		}
+	}
+	if asJSON {
+		return encodeJSON(stdout, res)
+	}
+	return e2ebench.WriteChunked(stdout, res, false)
+}
+
+func reportRows(rows []*e2ebench.Row, out string, asJSON bool, stdout io.Writer) error {
+	rt := rows[0].Runtime
+	if out != "" {
+		stem := filepath.Join(out, "e2e-"+rt)
 		if err := writeJSON(stem+".json", rows); err != nil {
 			return err
 		}
@@ -168,11 +210,11 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		if err := os.WriteFile(stem+".md", md.Bytes(), 0o644); err != nil {
 			return err
 		}
-		if err := e2ebench.PlotRows(stem+".png", fmt.Sprintf("%s, %s", *rt, filepath.Base(*model)), rows); err != nil {
+		if err := e2ebench.PlotRows(stem+".png", fmt.Sprintf("%s, %s", rt, filepath.Base(rows[0].Model)), rows); err != nil {
 			return err
 		}
 	}
-	if *asJSON {
+	if asJSON {
 		return encodeJSON(stdout, rows)
 	}
 	if err := e2ebench.WriteTable(stdout, rows, false); err != nil {

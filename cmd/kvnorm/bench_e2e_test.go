@@ -163,6 +163,8 @@ func TestBenchE2EChunkedTiny(t *testing.T) {
 				assert.Greater(t, s.TokensFed, prev, "tokens fed grow chunk by chunk")
 				prev = s.TokensFed
 				assert.LessOrEqual(t, s.LiveCells, c.Ctx, "the cache never holds more than its cells")
+				assert.LessOrEqual(t, s.CellsPerHead, float64(c.Ctx))
+				assert.Positive(t, s.GoTotalBytes)
 				assert.Positive(t, s.HWM)
 				assert.GreaterOrEqual(t, s.HWM, s.RSS)
 			}

@@ -3,6 +3,7 @@ package e2ebench
 import (
 	"fmt"
 	"io"
+	"runtime/metrics"
 	"sync"
 	"time"
 
@@ -16,9 +17,20 @@ type Sample struct {
 	Chunk int `json:"chunk"`
 	// TokensFed is the number of prompt tokens decoded so far.
 	TokensFed int `json:"tokens_fed"`
-	// LiveCells is the number of positions the compressor's record holds
-	// after the chunk (before any compression the next chunk triggers).
+	// LiveCells is the number of distinct positions the compressor's record
+	// holds after the chunk (before any compression the next chunk
+	// triggers); LiveEntries its (layer, KV head, position) entries.
+	// Per head, different heads keep different positions: the distinct
+	// positions may exceed the cache while every head fits in it; CellsPerHead
+	// (entries / (layers × KV heads)) is what each head holds on average.
 	LiveCells    int     `json:"live_cells"`
+	LiveEntries  int64   `json:"live_entries"`
+	CellsPerHead float64 `json:"cells_per_head"`
+	// GoHeapBytes is the Go heap's live and not yet collected objects;
+	// GoTotalBytes all the memory the Go runtime has mapped. The rest of the
+	// anonymous RSS is C's (the runtime's cache, weights and buffers).
+	GoHeapBytes  int64   `json:"go_heap_bytes"`
+	GoTotalBytes int64   `json:"go_total_bytes"`
 	Compressions int     `json:"compressions"`
 	ElapsedMs    float64 `json:"elapsed_ms"`
 	Mem
@@ -74,6 +86,7 @@ type sampler struct {
 	hooks.Observer // the compressor, or nil when uncompressed
 	comp           *adapter.Compressor
 	last           int
+	lanes          int // layers × KV heads
 	start          time.Time
 	mu             sync.Mutex
 	fed            int
@@ -96,11 +109,13 @@ func (s *sampler) ObserveKeys(b *hooks.KeyBatch) error {
 	}
 	sm := Sample{Chunk: len(s.samples), TokensFed: s.fed, ElapsedMs: ms(time.Since(s.start))}
 	if s.comp != nil {
-		pos, _ := s.comp.Live(0)
-		sm.LiveCells = len(pos)
+		pos, entries := s.comp.Live(0)
+		sm.LiveCells, sm.LiveEntries = len(pos), entries
+		sm.CellsPerHead = float64(entries) / float64(s.lanes)
 		sm.Compressions = s.comp.Totals().Compressions
 	}
 	sm.Mem, _ = ReadMem()
+	sm.GoHeapBytes, sm.GoTotalBytes = goMem()
 	s.samples = append(s.samples, sm)
 	return nil
 }
@@ -123,6 +138,19 @@ func (s *sampler) Forget(seq hooks.SeqID, from, to hooks.Pos) {
 	if s.Observer != nil {
 		s.Observer.Forget(seq, from, to)
 	}
+}
+
+// goMem reads the Go runtime's heap objects and total mapped memory.
+func goMem() (heap, total int64) {
+	ss := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}, {Name: "/memory/classes/total:bytes"}}
+	metrics.Read(ss)
+	if ss[0].Value.Kind() == metrics.KindUint64 {
+		heap = int64(ss[0].Value.Uint64())
+	}
+	if ss[1].Value.Kind() == metrics.KindUint64 {
+		total = int64(ss[1].Value.Uint64())
+	}
+	return heap, total
 }
 
 // RunChunked feeds a prompt of s.PromptTokens tokens through Prefill into a
@@ -173,7 +201,7 @@ func RunChunked(f conformance.EngineFactory, s Spec, log io.Writer) (*Chunked, e
 		Ctx: info.Context, PromptTokens: s.PromptTokens, PromptSource: PromptSource, Keep: s.Keep, Uncompressed: s.Uncompressed,
 		KVBytesAllocated: int64(info.Context) * int64(shape.Layers*shape.KVHeads) * entry, LoadAvg1: load, FullAt: -1,
 	}
-	smp := &sampler{last: shape.Layers - 1}
+	smp := &sampler{last: shape.Layers - 1, lanes: shape.Layers * shape.KVHeads}
 	if s.Uncompressed {
 		res.Policy, res.Keep = "none", 1
 	} else {

@@ -41,8 +41,12 @@ func PlotRows(path, title string, rows []*Row) error {
 		p.Y.Label.Text = ylabel
 		p.X.Tick.Marker = plot.ConstantTicks(ticks)
 		p.Y.Min = 0
+		for _, r := range rows {
+			p.Y.Max = max(p.Y.Max, 1.3*y(r)) // room for the legend
+		}
 		p.Add(plotter.NewGrid())
 		p.Legend.Top, p.Legend.Left = true, true
+		p.Legend.XOffs, p.Legend.YOffs = vg.Millimeter*2, -vg.Millimeter*2
 		p.Legend.TextStyle.Font.Size = vg.Points(9)
 		for i, k := range keeps {
 			var pts plotter.XYs
@@ -83,8 +87,14 @@ func PlotChunked(path string, c *Chunked) error {
 	p.X.Label.Text = "prompt tokens fed"
 	p.Y.Label.Text = "MiB"
 	p.Y.Min = 0
+	top := c.PeakRSSBytes
+	if c.Baseline != nil {
+		top = max(top, c.Baseline.PeakRSSBytes)
+	}
+	p.Y.Max = 1.4 * mib(top) // room for the legend
 	p.Add(plotter.NewGrid())
-	p.Legend.Top = false
+	p.Legend.Top, p.Legend.Left = true, true
+	p.Legend.XOffs, p.Legend.YOffs = vg.Millimeter*2, -vg.Millimeter*2
 	p.Legend.TextStyle.Font.Size = vg.Points(9)
 	series := []struct {
 		name string
@@ -108,14 +118,22 @@ func PlotChunked(path string, c *Chunked) error {
 		p.Legend.Add(s.name, l, pt)
 	}
 	if b := c.Baseline; b != nil {
-		l, err := plotter.NewLine(plotter.XYs{{X: 0, Y: mib(b.PeakRSSBytes)}, {X: float64(c.PromptTokens), Y: mib(b.PeakRSSBytes)}})
-		if err != nil {
-			return err
+		for i, s := range []struct {
+			name string
+			v    int64
+		}{
+			{fmt.Sprintf("uncompressed, %d cells: peak RSS", b.Ctx), b.PeakRSSBytes},
+			{fmt.Sprintf("uncompressed, %d cells: anonymous RSS", b.Ctx), b.End.Anon},
+		} {
+			l, err := plotter.NewLine(plotter.XYs{{X: 0, Y: mib(s.v)}, {X: float64(c.PromptTokens), Y: mib(s.v)}})
+			if err != nil {
+				return err
+			}
+			l.Color = color.Gray{Y: uint8(60 + 60*i)}
+			l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
+			p.Add(l)
+			p.Legend.Add(s.name, l)
 		}
-		l.Color = color.Gray{Y: 90}
-		l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
-		p.Add(l)
-		p.Legend.Add(fmt.Sprintf("uncompressed peak (%d cells)", b.Ctx), l)
 	}
 	return p.Save(16*vg.Centimeter, 11*vg.Centimeter, path)
 }

@@ -105,7 +105,7 @@ func WriteChunked(w io.Writer, c *Chunked, md bool) error {
 	if md {
 		fmt.Fprintln(w)
 	}
-	head := []string{"chunk", "tokens fed", "live cells", "compressions", "RSS MiB", "peak RSS MiB", "anon MiB", "file MiB"}
+	head := []string{"chunk", "tokens fed", "positions", "cells/head", "compressions", "RSS MiB", "peak RSS MiB", "anon MiB", "Go heap MiB", "Go total MiB", "file MiB"}
 	var tw *tabwriter.Writer
 	out := w
 	line := func(cells []string) string {
@@ -122,15 +122,24 @@ func WriteChunked(w io.Writer, c *Chunked, md bool) error {
 	if md {
 		fmt.Fprint(out, line(strings.Split(strings.Repeat("---:,", len(head)-1)+"---:", ",")))
 	}
-	row := func(name string, fed, live, comps int, m Mem) {
-		fmt.Fprint(out, line([]string{name, fmt.Sprint(fed), fmt.Sprint(live), fmt.Sprint(comps),
-			fmt.Sprintf("%.1f", mib(m.RSS)), fmt.Sprintf("%.1f", mib(m.HWM)), fmt.Sprintf("%.1f", mib(m.Anon)), fmt.Sprintf("%.1f", mib(m.File))}))
+	row := func(name string, fed, live int, perHead float64, comps int, m Mem, goHeap, goTotal int64) {
+		gh, gt := "-", "-"
+		if goTotal > 0 { // not sampled (the ends, or a run before these columns)
+			gh, gt = fmt.Sprintf("%.1f", mib(goHeap)), fmt.Sprintf("%.1f", mib(goTotal))
+		}
+		ph := fmt.Sprintf("%.0f", perHead)
+		if perHead == 0 && live > 0 {
+			ph = "-" // a run before this column
+		}
+		fmt.Fprint(out, line([]string{name, fmt.Sprint(fed), fmt.Sprint(live), ph, fmt.Sprint(comps),
+			fmt.Sprintf("%.1f", mib(m.RSS)), fmt.Sprintf("%.1f", mib(m.HWM)), fmt.Sprintf("%.1f", mib(m.Anon)),
+			gh, gt, fmt.Sprintf("%.1f", mib(m.File))}))
 	}
-	row("before", 0, 0, 0, c.Before)
+	row("before", 0, 0, 0, 0, c.Before, 0, 0)
 	for _, s := range c.Samples {
-		row(fmt.Sprint(s.Chunk), s.TokensFed, s.LiveCells, s.Compressions, s.Mem)
+		row(fmt.Sprint(s.Chunk), s.TokensFed, s.LiveCells, s.CellsPerHead, s.Compressions, s.Mem, s.GoHeapBytes, s.GoTotalBytes)
 	}
-	row("end", c.PromptTokens, c.KVCells, c.Compressions, c.End)
+	row("end", c.PromptTokens, c.KVCells, float64(c.KVBytes)/float64(max(1, c.KVBytesAllocated))*float64(c.Ctx), c.Compressions, c.End, 0, 0)
 	if tw != nil {
 		if err := tw.Flush(); err != nil {
 			return err
