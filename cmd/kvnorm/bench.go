@@ -20,7 +20,7 @@ var benchCommands = map[string]func(args []string, stdout, stderr io.Writer) err
 }
 
 func init() {
-	register(command{name: "bench", summary: "benchmarks: kernels (norm kernels and selection vs a memory-read loop)", run: func(args []string, stdout, stderr io.Writer) error {
+	register(command{name: "bench", summary: "benchmarks: kernels (norm kernels and selection vs a memory-read loop), e2e (prefill, compression, KV bytes, decode, RSS per keep ratio)", run: func(args []string, stdout, stderr io.Writer) error {
 		if len(args) == 0 {
 			return fmt.Errorf("bench what? want one of: %s", strings.Join(sortedKeys(benchCommands), ", "))
 		}
