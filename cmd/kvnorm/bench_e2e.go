@@ -44,11 +44,12 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	prompts := fs.String("prompt-tokens", "512,2048,8192", "prompt lengths in tokens")
 	keeps := fs.String("keep", "1,0.5,0.25", "keep ratios (1, the uncompressed row, is added when missing: ratios are to it); --chunked uses the smallest")
 	decode := fs.Int("decode", 32, "tokens decoded after each prompt (decode tokens/s)")
-	ctxLen := fs.Int("ctx", 0, "cells per sequence (0: rows get the prompt + decode rounded up to 256, at least 2048; --chunked gets 1024)")
+	ctxLen := fs.Int("ctx", 0, "cells per sequence (0: rows get the prompt + decode + paired rounded up to 256, at least 2048; --chunked gets 1024)")
 	threads := fs.Int("threads", runtime.NumCPU(), "CPU threads for the runtime")
 	gran := fs.String("granularity", "auto", "per-token|per-head|auto (per-head where the runtime can compact heads)")
 	skip := fs.String("skip-layers", "0,1", "layers that keep every key (comma list or none)")
 	repeat := fs.Int("repeat", 2, "prefills without and with key capture, alternated; the fastest of each is kept")
+	paired := fs.Int("paired", 64, "tokens each side decodes in the paired decode measurement of compressed rows (a second engine holds the prompt uncompressed; the two alternate in one process); 0: none")
 	decObs := fs.Bool("decode-observer", true, "keep the compressor attached while decoding compressed rows (as a deployment must)")
 	chunked := fs.Bool("chunked", false, "the chunked-prefill memory experiment instead of the rows: a prompt of --chunk-factor × --ctx tokens at the smallest --keep, RSS after each chunk")
 	factor := fs.Int("chunk-factor", 4, "--chunked: prompt length in multiples of the cache")
@@ -83,14 +84,14 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *decode < 0 || *repeat < 1 || *threads < 0 || *ctxLen < 0 || *factor < 1 {
-		return errors.New("--decode, --threads and --ctx must be >= 0, --repeat and --chunk-factor >= 1")
+	if *decode < 0 || *paired < 0 || *repeat < 1 || *threads < 0 || *ctxLen < 0 || *factor < 1 {
+		return errors.New("--decode, --paired, --threads and --ctx must be >= 0, --repeat and --chunk-factor >= 1")
 	}
 	if skipLayers == nil {
 		skipLayers = []int{}
 	}
 	base := e2ebench.Spec{Runtime: *rt, Model: *model, Tokenizer: *tok, Decode: *decode, Ctx: *ctxLen, Threads: *threads,
-		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs}
+		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired}
 	if *out != "" {
 		if err := os.MkdirAll(*out, 0o755); err != nil {
 			return err

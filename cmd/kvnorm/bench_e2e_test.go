@@ -68,7 +68,7 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 			out := t.TempDir()
 			var stdout, stderr bytes.Buffer
 			code := run([]string{"bench", "e2e", "--runtime", rt, "--model", model, "--prompt-tokens", "40,96",
-				"--keep", "0.5,0.25", "--decode", "4", "--threads", "1", "--granularity", "per-token", "--json", "--out", out}, &stdout, &stderr)
+				"--keep", "0.5,0.25", "--decode", "4", "--paired", "6", "--threads", "1", "--granularity", "per-token", "--json", "--out", out}, &stdout, &stderr)
 			require.Equal(t, 0, code, stderr.String())
 
 			var raw []map[string]any
@@ -115,6 +115,14 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 				if r.Keep < 1 {
 					assert.Positive(t, r.CompressMs)
 					assert.Positive(t, r.PlanMs+r.ApplyMs)
+					// The paired measurement: both sides decoded 6 tokens.
+					assert.Equal(t, 6, r.PairedTokens)
+					assert.Positive(t, r.PairedTokensPerS)
+					assert.Positive(t, r.PairedBaseTokensPerS)
+					assert.InDelta(t, r.PairedTokensPerS/r.PairedBaseTokensPerS, r.PairedRatio, 1e-9)
+					assert.Positive(t, r.PairedMedianRatio)
+				} else {
+					assert.Zero(t, r.PairedTokens, "the uncompressed row has nothing to pair with")
 				}
 
 				// Ratios come from the keep-1 row of the same run.

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"time"
 
 	"github.com/kvnorm/kvnorm/adapter"
@@ -54,6 +55,12 @@ type Spec struct {
 	// compressed row (as a deployment must, to compress under pressure);
 	// the uncompressed row (keep 1) always decodes without an observer.
 	DecodeObserver bool `json:"decode_observer"`
+	// Paired is the number of tokens each side decodes in the paired decode
+	// measurement of a compressed row (0: none): after the row, a second
+	// engine holds the same prompt uncompressed, and the two decode in
+	// alternating blocks of PairedBlock tokens in this one process, so that
+	// the machine's drift between rows does not enter the ratio.
+	Paired int `json:"paired,omitempty"`
 	// Uncompressed (chunked): no compressor; the context holds the whole
 	// prompt (the memory baseline of the chunked experiment).
 	Uncompressed bool `json:"uncompressed,omitempty"`
@@ -124,6 +131,20 @@ type Row struct {
 	DecodeMs         float64 `json:"decode_ms"`
 	DecodeTokensPerS float64 `json:"decode_tokens_per_s"`
 	DecodeObserver   bool    `json:"decode_observer"`
+
+	// The paired decode measurement (compressed rows with Spec.Paired > 0):
+	// PairedTokens tokens decoded by each side in alternating blocks (ABBA
+	// order) by this row's compressed engine and by a second engine holding
+	// the same prompt uncompressed, both at the same context length; the
+	// tokens/s of each side, their ratio (compressed ÷ uncompressed), and the
+	// median per-token latency of each side.
+	PairedTokens         int     `json:"paired_tokens,omitempty"`
+	PairedTokensPerS     float64 `json:"paired_tokens_per_s,omitempty"`
+	PairedBaseTokensPerS float64 `json:"paired_base_tokens_per_s,omitempty"`
+	PairedRatio          float64 `json:"paired_ratio,omitempty"`
+	PairedMedianMs       float64 `json:"paired_median_ms,omitempty"`
+	PairedBaseMedianMs   float64 `json:"paired_base_median_ms,omitempty"`
+	PairedMedianRatio    float64 `json:"paired_median_ratio,omitempty"`
 
 	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
 	// the end of the row.
@@ -237,9 +258,12 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	if s.Keep <= 0 || s.Keep > 1 {
 		return nil, fmt.Errorf("e2ebench: keep %g outside (0, 1]", s.Keep)
 	}
+	if s.Paired < 0 {
+		return nil, fmt.Errorf("e2ebench: paired %d < 0", s.Paired)
+	}
 	ctx := s.Ctx
 	if ctx <= 0 {
-		ctx = AutoCtx(s.PromptTokens, s.Decode)
+		ctx = AutoCtx(s.PromptTokens, s.Decode+s.Paired)
 	}
 	load := LoadAvg()
 	eng, err := open(f, s, ctx, log)
@@ -248,8 +272,8 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	}
 	defer eng.Close()
 	info, shape := eng.Info(), eng.CacheShape()
-	if s.PromptTokens+s.Decode > info.Context {
-		return nil, fmt.Errorf("e2ebench: %d prompt + %d decoded tokens exceed the context of %d cells", s.PromptTokens, s.Decode, info.Context)
+	if s.PromptTokens+s.Decode+s.Paired > info.Context {
+		return nil, fmt.Errorf("e2ebench: %d prompt + %d decoded + %d paired tokens exceed the context of %d cells", s.PromptTokens, s.Decode, s.Paired, info.Context)
 	}
 	pol, err := Policy(s, eng)
 	if err != nil {
@@ -341,27 +365,122 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	} else {
 		eng.SetObserver(nil)
 	}
+	next := argmax(logits[len(logits)-1])
 	if s.Decode > 0 {
-		next := argmax(logits[len(logits)-1])
 		t := time.Now()
-		for range s.Decode {
-			l, err := eng.Decode(seq, []int32{next})
-			if err != nil {
-				return nil, fmt.Errorf("decode: %w", err)
-			}
-			next = argmax(l[len(l)-1])
+		if next, err = decodeN(eng, seq, next, s.Decode, nil); err != nil {
+			return nil, err
 		}
 		d := time.Since(t)
 		r.DecodeTokens, r.DecodeMs = s.Decode, ms(d)
 		r.DecodeTokensPerS = float64(s.Decode) / d.Seconds()
 	}
-	eng.SetObserver(nil)
 	if m, err := ReadMem(); err == nil {
 		r.PeakRSSBytes, r.RSSAnonBytes, r.RSSFileBytes = m.HWM, m.Anon, m.File
 	}
+	if s.Paired > 0 && s.Keep < 1 {
+		if err := pairedDecode(f, s, ctx, eng, next, toks, r, log); err != nil {
+			return nil, fmt.Errorf("paired decode: %w", err)
+		}
+	}
+	eng.SetObserver(nil)
 	r.WallS = time.Since(start).Seconds()
 	r.LoadAvg1End = LoadAvg()
 	return r, nil
+}
+
+// PairedBlock is the number of tokens one side of the paired decode
+// measurement decodes before the other side takes its turn.
+const PairedBlock = 8
+
+// decodeN decodes n tokens greedily from next, one at a time, appending each
+// token's latency to lat when it is not nil, and returns the next token.
+func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.Duration) (int32, error) {
+	for range n {
+		t := time.Now()
+		l, err := eng.Decode(seq, []int32{next})
+		if err != nil {
+			return 0, fmt.Errorf("decode: %w", err)
+		}
+		if lat != nil {
+			*lat = append(*lat, time.Since(t))
+		}
+		next = argmax(l[len(l)-1])
+	}
+	return next, nil
+}
+
+// pairedDecode measures the compressed engine eng (already decoded
+// s.Decode tokens after the prompt; next is its next token) against a second
+// engine holding the same prompt uncompressed: the second engine prefills the
+// prompt and decodes s.Decode tokens untimed (so both are at the same
+// context length), then the two decode s.Paired tokens each in alternating
+// blocks of PairedBlock, in ABBA order so that neither side always goes
+// first. Only the Decode calls are timed. The second engine is opened after
+// the row's memory was read, so it does not enter the row's peak RSS.
+func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, next int32, toks []int32, r *Row, log io.Writer) error {
+	const seq = 0
+	base, err := open(f, s, ctx, log)
+	if err != nil {
+		return err
+	}
+	defer base.Close()
+	base.SetObserver(nil)
+	logits, err := base.Prefill(seq, toks, false)
+	if err != nil {
+		return fmt.Errorf("uncompressed prefill: %w", err)
+	}
+	bnext, err := decodeN(base, seq, argmax(logits[len(logits)-1]), s.Decode, nil)
+	if err != nil {
+		return err
+	}
+	var latC, latB []time.Duration
+	for i, done := 0, 0; done < s.Paired; i++ {
+		n := min(PairedBlock, s.Paired-done)
+		order := []bool{true, false} // compressed first
+		if i%2 == 1 {
+			order = []bool{false, true}
+		}
+		for _, compressed := range order {
+			if compressed {
+				next, err = decodeN(eng, seq, next, n, &latC)
+			} else {
+				bnext, err = decodeN(base, seq, bnext, n, &latB)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		done += n
+	}
+	sum := func(l []time.Duration) (d time.Duration) {
+		for _, x := range l {
+			d += x
+		}
+		return d
+	}
+	tc, tb := sum(latC), sum(latB)
+	r.PairedTokens = s.Paired
+	r.PairedTokensPerS = float64(len(latC)) / tc.Seconds()
+	r.PairedBaseTokensPerS = float64(len(latB)) / tb.Seconds()
+	r.PairedRatio = r.PairedTokensPerS / r.PairedBaseTokensPerS
+	r.PairedMedianMs, r.PairedBaseMedianMs = ms(median(latC)), ms(median(latB))
+	r.PairedMedianRatio = r.PairedBaseMedianMs / r.PairedMedianMs
+	fmt.Fprintf(log, "e2e %s: %d tokens keep %g: paired decode %.2f tok/s vs uncompressed %.2f tok/s (×%.3f; median ×%.3f)\n",
+		r.Runtime, s.PromptTokens, s.Keep, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio)
+	return nil
+}
+
+func median(l []time.Duration) time.Duration {
+	s := slices.Clone(l)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 func argmax(l []float32) int32 {

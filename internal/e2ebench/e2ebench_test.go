@@ -54,9 +54,23 @@ func TestSetRatiosAndTargets(t *testing.T) {
 	assert.True(t, holds["capture ≤ 5% of prefill: x 64 tokens keep 0.5"])
 	assert.True(t, holds["compress ≤ 2% of prefill: x 64 tokens keep 0.5"])
 
+	// A paired measurement decides the decode target when there is one.
+	rows[1].PairedTokens, rows[1].PairedRatio, rows[1].PairedTokensPerS, rows[1].PairedBaseTokensPerS = 64, 1.01, 10.1, 10
+	rows[2].PairedTokens, rows[2].PairedRatio, rows[2].PairedTokensPerS, rows[2].PairedBaseTokensPerS = 64, 0.99, 9.9, 10
+	for _, tg := range Targets(rows) {
+		holds[tg.Name] = tg.Holds
+		if tg.Name == "decode at keep 0.5 ≥ uncompressed: x 64 tokens keep 0.5" {
+			assert.Contains(t, tg.Detail, "paired")
+			assert.Contains(t, tg.Detail, "separate rows: ×0.900")
+		}
+	}
+	assert.True(t, holds["decode at keep 0.5 ≥ uncompressed: x 64 tokens keep 0.5"])
+	assert.False(t, holds["decode at keep 0.5 ≥ uncompressed: x 128 tokens keep 0.5"])
+
 	var b bytes.Buffer
 	require.NoError(t, WriteTable(&b, rows, true))
 	assert.Contains(t, b.String(), "| x | 64 | 0.5 | 32 |")
+	assert.Contains(t, b.String(), "| 0.900 | 1.010 |")
 	require.NoError(t, PlotRows(filepath.Join(t.TempDir(), "p.png"), "t", rows))
 }
 
