@@ -44,7 +44,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	prompts := fs.String("prompt-tokens", "512,2048,8192", "prompt lengths in tokens")
 	keeps := fs.String("keep", "1,0.5,0.25", "keep ratios (1, the uncompressed row, is added when missing: ratios are to it); --chunked uses the smallest")
 	decode := fs.Int("decode", 32, "tokens decoded after each prompt (decode tokens/s)")
-	ctxLen := fs.Int("ctx", 0, "cells per sequence (0: rows get the prompt + decode + paired rounded up to 256, at least 2048; --chunked gets 1024)")
+	ctxLen := fs.Int("ctx", 0, "cells per sequence (0: rows get the prompt + decode + 2 × paired rounded up to 256, at least 2048; --chunked gets 1024)")
 	threads := fs.Int("threads", runtime.NumCPU(), "CPU threads for the runtime")
 	gran := fs.String("granularity", "auto", "per-token|per-head|auto (per-head where the runtime can compact heads)")
 	skip := fs.String("skip-layers", "0,1", "layers that keep every key (comma list or none)")

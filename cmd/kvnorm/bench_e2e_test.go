@@ -121,6 +121,9 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 					assert.Positive(t, r.PairedBaseTokensPerS)
 					assert.InDelta(t, r.PairedTokensPerS/r.PairedBaseTokensPerS, r.PairedRatio, 1e-9)
 					assert.Positive(t, r.PairedMedianRatio)
+					assert.True(t, r.DecodeObserver)
+					assert.InDelta(t, r.PairedNoObserverTokensPerS/r.PairedBaseTokensPerS, r.PairedNoObserverRatio, 1e-9, "the third side: without the observer")
+					assert.Positive(t, r.PairedNoObserverRatio)
 				} else {
 					assert.Zero(t, r.PairedTokens, "the uncompressed row has nothing to pair with")
 				}

@@ -145,6 +145,11 @@ type Row struct {
 	PairedMedianMs       float64 `json:"paired_median_ms,omitempty"`
 	PairedBaseMedianMs   float64 `json:"paired_base_median_ms,omitempty"`
 	PairedMedianRatio    float64 `json:"paired_median_ratio,omitempty"`
+	// The third side when the row decodes with its observer: the same
+	// compressed engine decoding without it, and its ratio to the
+	// uncompressed side (what compression alone gains).
+	PairedNoObserverTokensPerS float64 `json:"paired_no_observer_tokens_per_s,omitempty"`
+	PairedNoObserverRatio      float64 `json:"paired_no_observer_ratio,omitempty"`
 
 	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
 	// the end of the row.
@@ -263,7 +268,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	}
 	ctx := s.Ctx
 	if ctx <= 0 {
-		ctx = AutoCtx(s.PromptTokens, s.Decode+s.Paired)
+		ctx = AutoCtx(s.PromptTokens, s.Decode+2*s.Paired)
 	}
 	load := LoadAvg()
 	eng, err := open(f, s, ctx, log)
@@ -272,8 +277,8 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	}
 	defer eng.Close()
 	info, shape := eng.Info(), eng.CacheShape()
-	if s.PromptTokens+s.Decode+s.Paired > info.Context {
-		return nil, fmt.Errorf("e2ebench: %d prompt + %d decoded + %d paired tokens exceed the context of %d cells", s.PromptTokens, s.Decode, s.Paired, info.Context)
+	if s.PromptTokens+s.Decode > info.Context {
+		return nil, fmt.Errorf("e2ebench: %d prompt + %d decoded tokens exceed the context of %d cells", s.PromptTokens, s.Decode, info.Context)
 	}
 	pol, err := Policy(s, eng)
 	if err != nil {
@@ -379,7 +384,11 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 		r.PeakRSSBytes, r.RSSAnonBytes, r.RSSFileBytes = m.HWM, m.Anon, m.File
 	}
 	if s.Paired > 0 && s.Keep < 1 {
-		if err := pairedDecode(f, s, ctx, eng, next, toks, r, log); err != nil {
+		var obs hooks.Observer
+		if r.DecodeObserver {
+			obs = comp
+		}
+		if err := pairedDecode(f, s, ctx, eng, obs, next, toks, r, log); err != nil {
 			return nil, fmt.Errorf("paired decode: %w", err)
 		}
 	}
@@ -414,12 +423,23 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // s.Decode tokens after the prompt; next is its next token) against a second
 // engine holding the same prompt uncompressed: the second engine prefills the
 // prompt and decodes s.Decode tokens untimed (so both are at the same
-// context length), then the two decode s.Paired tokens each in alternating
-// blocks of PairedBlock, in ABBA order so that neither side always goes
-// first. Only the Decode calls are timed. The second engine is opened after
-// the row's memory was read, so it does not enter the row's peak RSS.
-func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, next int32, toks []int32, r *Row, log io.Writer) error {
+// context length), then they decode s.Paired tokens each in alternating
+// blocks of PairedBlock, the order reversed every round (ABBA) so that neither
+// side always goes first. When the row decodes with its observer attached
+// (obs), the compressed engine also decodes s.Paired tokens without it, as a
+// third side: that splits the ratio into what compression gains and what
+// streaming new keys to the compressor costs. Only the Decode calls are
+// timed. The second engine is opened after the row's memory was read, so it
+// is not in the row's peak RSS.
+func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, obs hooks.Observer, next int32, toks []int32, r *Row, log io.Writer) error {
 	const seq = 0
+	need := s.PromptTokens + s.Decode + s.Paired // the compressed engine's
+	if obs != nil {
+		need += s.Paired
+	}
+	if need > eng.Info().Context {
+		return fmt.Errorf("%d prompt + %d decoded + %d paired tokens (twice with an observer) exceed the context of %d cells", s.PromptTokens, s.Decode, s.Paired, eng.Info().Context)
+	}
 	base, err := open(f, s, ctx, log)
 	if err != nil {
 		return err
@@ -434,18 +454,29 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	if err != nil {
 		return err
 	}
-	var latC, latB []time.Duration
+	// Sides: 0 the compressed engine as the row decodes (with obs when set),
+	// 1 the uncompressed engine, 2 the compressed engine without obs.
+	sides := []int{0, 1}
+	if obs != nil {
+		sides = append(sides, 2)
+	}
+	lat := make([][]time.Duration, 3)
 	for i, done := 0, 0; done < s.Paired; i++ {
 		n := min(PairedBlock, s.Paired-done)
-		order := []bool{true, false} // compressed first
+		order := slices.Clone(sides)
 		if i%2 == 1 {
-			order = []bool{false, true}
+			slices.Reverse(order)
 		}
-		for _, compressed := range order {
-			if compressed {
-				next, err = decodeN(eng, seq, next, n, &latC)
-			} else {
-				bnext, err = decodeN(base, seq, bnext, n, &latB)
+		for _, side := range order {
+			switch side {
+			case 0:
+				eng.SetObserver(obs)
+				next, err = decodeN(eng, seq, next, n, &lat[0])
+			case 1:
+				bnext, err = decodeN(base, seq, bnext, n, &lat[1])
+			case 2:
+				eng.SetObserver(nil)
+				next, err = decodeN(eng, seq, next, n, &lat[2])
 			}
 			if err != nil {
 				return err
@@ -453,21 +484,27 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		}
 		done += n
 	}
-	sum := func(l []time.Duration) (d time.Duration) {
+	eng.SetObserver(obs)
+	tps := func(l []time.Duration) float64 {
+		var d time.Duration
 		for _, x := range l {
 			d += x
 		}
-		return d
+		return float64(len(l)) / d.Seconds()
 	}
-	tc, tb := sum(latC), sum(latB)
 	r.PairedTokens = s.Paired
-	r.PairedTokensPerS = float64(len(latC)) / tc.Seconds()
-	r.PairedBaseTokensPerS = float64(len(latB)) / tb.Seconds()
+	r.PairedTokensPerS, r.PairedBaseTokensPerS = tps(lat[0]), tps(lat[1])
 	r.PairedRatio = r.PairedTokensPerS / r.PairedBaseTokensPerS
-	r.PairedMedianMs, r.PairedBaseMedianMs = ms(median(latC)), ms(median(latB))
+	r.PairedMedianMs, r.PairedBaseMedianMs = ms(median(lat[0])), ms(median(lat[1]))
 	r.PairedMedianRatio = r.PairedBaseMedianMs / r.PairedMedianMs
-	fmt.Fprintf(log, "e2e %s: %d tokens keep %g: paired decode %.2f tok/s vs uncompressed %.2f tok/s (×%.3f; median ×%.3f)\n",
+	fmt.Fprintf(log, "e2e %s: %d tokens keep %g: paired decode %.2f tok/s vs uncompressed %.2f tok/s (×%.3f; median ×%.3f)",
 		r.Runtime, s.PromptTokens, s.Keep, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio)
+	if obs != nil {
+		r.PairedNoObserverTokensPerS = tps(lat[2])
+		r.PairedNoObserverRatio = r.PairedNoObserverTokensPerS / r.PairedBaseTokensPerS
+		fmt.Fprintf(log, "; without the observer %.2f tok/s (×%.3f)", r.PairedNoObserverTokensPerS, r.PairedNoObserverRatio)
+	}
+	fmt.Fprintln(log)
 	return nil
 }
 
