@@ -48,8 +48,9 @@ type Spec struct {
 	// can compact heads, else per-token).
 	Granularity string `json:"granularity"`
 	SkipLayers  []int  `json:"skip_layers"`
-	// Repeat alternates the prefill without and with the capture observer
-	// this many times and keeps the fastest of each (at least 1).
+	// Repeat runs the prefill without and with the capture observer this
+	// many times each, in ABBA order, and keeps the fastest of each (at
+	// least 1).
 	Repeat int `json:"repeat"`
 	// DecodeObserver keeps the compressor attached while decoding a
 	// compressed row (as a deployment must, to compress under pressure);
@@ -246,12 +247,14 @@ func open(f conformance.EngineFactory, s Spec, ctx int, log io.Writer) (hooks.En
 // RunRow measures one row on a freshly opened engine:
 //
 //  1. warm-up: a prefill of up to WarmupTokens tokens, removed;
-//  2. Repeat times: the prompt without an observer, removed; the prompt with
-//     a capture-only observer (a compressor whose prefill compression is
-//     deferred), removed but for the last;
+//  2. Repeat times each, in ABBA order ending with capture: the prompt
+//     without an observer, and the prompt with a capture-only observer (a
+//     compressor whose prefill compression is deferred); every one but the
+//     last is removed;
 //  3. the prefill compression (PrefillDone of that compressor), timed;
 //  4. Decode tokens, one at a time (greedy), timed;
-//  5. VmHWM.
+//  5. VmHWM;
+//  6. with Paired, the paired decode measurement (pairedDecode).
 func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	start := time.Now()
 	if log == nil {
@@ -312,32 +315,49 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 		comp    *adapter.Compressor
 		off, on = time.Duration(math.MaxInt64), time.Duration(math.MaxInt64)
 	)
+	// The arms alternate in ABBA order, counted back from the last prefill,
+	// which must be one with capture (its sequence is compressed next):
+	// repeat 2 runs capture, plain, plain, capture. Every prefill but the last
+	// is removed.
+	var arms []bool // true: with capture
 	for i := range s.Repeat {
-		eng.SetObserver(nil)
+		if (s.Repeat-1-i)%2 == 0 {
+			arms = append(arms, false, true)
+		} else {
+			arms = append(arms, true, false)
+		}
+	}
+	for k, capture := range arms {
+		if capture {
+			if comp, err = adapter.New(eng, pol); err != nil {
+				return nil, err
+			}
+			eng.SetObserver(captureOnly{comp})
+		} else {
+			eng.SetObserver(nil)
+		}
 		t := time.Now()
-		if _, err := eng.Prefill(seq, toks, false); err != nil {
+		l, err := eng.Prefill(seq, toks, false)
+		if err != nil {
+			if capture {
+				return nil, fmt.Errorf("prefill with capture: %w", err)
+			}
 			return nil, fmt.Errorf("prefill: %w", err)
 		}
-		off = min(off, time.Since(t))
-		if err := eng.RemoveSequence(seq); err != nil {
-			return nil, err
-		}
-		if comp, err = adapter.New(eng, pol); err != nil {
-			return nil, err
-		}
-		eng.SetObserver(captureOnly{comp})
-		t = time.Now()
-		if logits, err = eng.Prefill(seq, toks, false); err != nil {
-			return nil, fmt.Errorf("prefill with capture: %w", err)
-		}
 		d := time.Since(t)
-		if d < on {
-			on = d
-			r.ObserveMs = ms(comp.Totals().ObserveTime)
+		what := "prefill"
+		if capture {
+			what, logits = "prefill with capture", l
+			if d < on {
+				on = d
+				r.ObserveMs = ms(comp.Totals().ObserveTime)
+			}
+		} else {
+			off = min(off, d)
 		}
-		fmt.Fprintf(log, "e2e %s: %d tokens keep %g: prefill %.0f ms, with capture %.0f ms (%d/%d)\n",
-			info.Runtime, s.PromptTokens, s.Keep, ms(off), ms(d), i+1, s.Repeat)
-		if i < s.Repeat-1 {
+		fmt.Fprintf(log, "e2e %s: %d tokens keep %g: %s %.0f ms (%d/%d)\n",
+			info.Runtime, s.PromptTokens, s.Keep, what, ms(d), k+1, len(arms))
+		if k < len(arms)-1 {
 			if err := eng.RemoveSequence(seq); err != nil {
 				return nil, err
 			}
