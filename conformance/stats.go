@@ -35,8 +35,9 @@ func kl(lp, lq []float64) float64 {
 	return max(s, 0)
 }
 
-// argmax returns the index of the largest value (the first on ties).
-func argmax(v []float32) int32 {
+// Argmax returns the index of the largest value (the first on ties): the
+// greedy token of a row of logits.
+func Argmax(v []float32) int32 {
 	best := 0
 	for i, x := range v {
 		if x > v[best] {

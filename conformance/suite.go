@@ -382,7 +382,7 @@ func (r *runner) run(in *instance, pol *adapter.Policy) (*output, error) {
 		return out, nil
 	}
 	for range in.gen {
-		next := argmax(last)
+		next := Argmax(last)
 		out.tokens = append(out.tokens, next)
 		if len(out.tokens) == in.gen {
 			break
@@ -413,7 +413,7 @@ func score(task string, in *instance, base, got *output) InstanceResult {
 			lb, lg := logSoftmax(base.logits[t]), logSoftmax(got.logits[t])
 			nll -= lg[tok]
 			klSum += kl(lb, lg)
-			if argmax(base.logits[t]) == argmax(got.logits[t]) {
+			if Argmax(base.logits[t]) == Argmax(got.logits[t]) {
 				top++
 			}
 			for i, v := range got.logits[t] {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -268,15 +269,7 @@ func parseKeeps(s string) ([]float64, error) {
 	if !slices.Contains(ks, 1) {
 		ks = append(ks, 1)
 	}
-	slices.SortFunc(ks, func(a, b float64) int {
-		switch {
-		case a > b:
-			return -1
-		case a < b:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(ks, func(a, b float64) int { return cmp.Compare(b, a) })
 	return ks, nil
 }
 

@@ -200,7 +200,7 @@ func demoOnce(eng hooks.Engine, comp *adapter.Compressor, tokens []int32, n int,
 		return nil, err
 	}
 	out := make([]int32, 0, n)
-	next := argmax(logits[len(logits)-1])
+	next := conformance.Argmax(logits[len(logits)-1])
 	start = time.Now()
 	for range n {
 		out = append(out, next)
@@ -208,23 +208,13 @@ func demoOnce(eng hooks.Engine, comp *adapter.Compressor, tokens []int32, n int,
 		if err != nil {
 			return nil, err
 		}
-		next = argmax(l[0])
+		next = conformance.Argmax(l[0])
 	}
 	r.decodeTPS = float64(n) / time.Since(start).Seconds()
 	if r.text, err = eng.Detokenize(out); err != nil {
 		return nil, err
 	}
 	return r, nil
-}
-
-func argmax(l []float32) int32 {
-	best := 0
-	for i, v := range l {
-		if v > l[best] {
-			best = i
-		}
-	}
-	return int32(best)
 }
 
 func commonPrefix(a, b string) int {

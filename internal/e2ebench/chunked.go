@@ -177,25 +177,11 @@ func RunChunked(f conformance.EngineFactory, s Spec, log io.Writer) (*Chunked, e
 	}
 	defer eng.Close()
 	info, shape := eng.Info(), eng.CacheShape()
-	pol, err := Policy(s, eng)
-	if err != nil {
-		return nil, err
-	}
-	entry, err := shape.EntryBytes()
-	if err != nil {
-		return nil, err
-	}
-	toks, err := PromptTokens(eng, s.PromptTokens)
+	pol, entry, toks, err := prepare(eng, s, min(WarmupTokens, info.Context/2))
 	if err != nil {
 		return nil, err
 	}
 	const seq = 0
-	if _, err := eng.Prefill(seq, toks[:min(len(toks), WarmupTokens, info.Context/2)], false); err != nil {
-		return nil, fmt.Errorf("warm-up: %w", err)
-	}
-	if err := eng.RemoveSequence(seq); err != nil {
-		return nil, err
-	}
 	res := &Chunked{
 		Runtime: info.Runtime, Model: s.Model, Granularity: pol.Granularity.String(), Policy: pol.String(), Threads: s.Threads,
 		Ctx: info.Context, PromptTokens: s.PromptTokens, PromptSource: PromptSource, Keep: s.Keep, Uncompressed: s.Uncompressed,

@@ -235,6 +235,26 @@ func PromptTokens(eng hooks.Engine, n int) ([]int32, error) {
 	return out[:n], nil
 }
 
+// prepare derives the policy of s on eng, the bytes of one cache entry and
+// the prompt, and warms eng up with a prefill of at most warm of its tokens,
+// removed (first-call allocations, page faults, the graph of a full batch).
+func prepare(eng hooks.Engine, s Spec, warm int) (pol adapter.Policy, entry int64, toks []int32, err error) {
+	if pol, err = Policy(s, eng); err != nil {
+		return pol, 0, nil, err
+	}
+	if entry, err = eng.CacheShape().EntryBytes(); err != nil {
+		return pol, 0, nil, err
+	}
+	if toks, err = PromptTokens(eng, s.PromptTokens); err != nil {
+		return pol, 0, nil, err
+	}
+	const seq = 0
+	if _, err := eng.Prefill(seq, toks[:min(len(toks), warm)], false); err != nil {
+		return pol, 0, nil, fmt.Errorf("warm-up: %w", err)
+	}
+	return pol, entry, toks, eng.RemoveSequence(seq)
+}
+
 func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
 
 func open(f conformance.EngineFactory, s Spec, ctx int, log io.Writer) (hooks.Engine, error) {
@@ -283,25 +303,11 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	if s.PromptTokens+s.Decode > info.Context {
 		return nil, fmt.Errorf("e2ebench: %d prompt + %d decoded tokens exceed the context of %d cells", s.PromptTokens, s.Decode, info.Context)
 	}
-	pol, err := Policy(s, eng)
-	if err != nil {
-		return nil, err
-	}
-	entry, err := shape.EntryBytes()
-	if err != nil {
-		return nil, err
-	}
-	toks, err := PromptTokens(eng, s.PromptTokens)
+	pol, entry, toks, err := prepare(eng, s, WarmupTokens)
 	if err != nil {
 		return nil, err
 	}
 	const seq = 0
-	if _, err := eng.Prefill(seq, toks[:min(len(toks), WarmupTokens)], false); err != nil {
-		return nil, fmt.Errorf("warm-up: %w", err)
-	}
-	if err := eng.RemoveSequence(seq); err != nil {
-		return nil, err
-	}
 
 	r := &Row{
 		Runtime: info.Runtime, Model: s.Model, Arch: info.Arch, Granularity: pol.Granularity.String(), Policy: pol.String(),
@@ -390,7 +396,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	} else {
 		eng.SetObserver(nil)
 	}
-	next := argmax(logits[len(logits)-1])
+	next := conformance.Argmax(logits[len(logits)-1])
 	if s.Decode > 0 {
 		t := time.Now()
 		if next, err = decodeN(eng, seq, next, s.Decode, nil); err != nil {
@@ -434,7 +440,7 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 		if lat != nil {
 			*lat = append(*lat, time.Since(t))
 		}
-		next = argmax(l[len(l)-1])
+		next = conformance.Argmax(l[len(l)-1])
 	}
 	return next, nil
 }
@@ -470,7 +476,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	if err != nil {
 		return fmt.Errorf("uncompressed prefill: %w", err)
 	}
-	bnext, err := decodeN(base, seq, argmax(logits[len(logits)-1]), s.Decode, nil)
+	bnext, err := decodeN(base, seq, conformance.Argmax(logits[len(logits)-1]), s.Decode, nil)
 	if err != nil {
 		return err
 	}
@@ -538,16 +544,6 @@ func median(l []time.Duration) time.Duration {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
-}
-
-func argmax(l []float32) int32 {
-	best := 0
-	for i, v := range l {
-		if v > l[best] {
-			best = i
-		}
-	}
-	return int32(best)
 }
 
 // SetRatios fills every row's ratios to the keep-1 row of the same runtime

@@ -1,6 +1,7 @@
 package e2ebench
 
 import (
+	"cmp"
 	"fmt"
 	"image/color"
 	"os"
@@ -29,7 +30,7 @@ func PlotRows(path, title string, rows []*Row) error {
 		}
 	}
 	slices.Sort(ctxs)
-	slices.SortFunc(keeps, func(a, b float64) int { return cmp(b, a) })
+	slices.SortFunc(keeps, func(a, b float64) int { return cmp.Compare(b, a) })
 	ticks := make([]plot.Tick, len(ctxs))
 	for i, c := range ctxs {
 		ticks[i] = plot.Tick{Value: float64(c), Label: fmt.Sprint(c)}
@@ -55,7 +56,7 @@ func PlotRows(path, title string, rows []*Row) error {
 					pts = append(pts, plotter.XY{X: float64(r.PromptTokens), Y: y(r)})
 				}
 			}
-			slices.SortFunc(pts, func(a, b plotter.XY) int { return cmp(a.X, b.X) })
+			slices.SortFunc(pts, func(a, b plotter.XY) int { return cmp.Compare(a.X, b.X) })
 			l, pt, err := plotter.NewLinePoints(pts)
 			if err != nil {
 				return nil, err
@@ -156,14 +157,4 @@ func savePanels(path string, ps ...*plot.Plot) error {
 		return err
 	}
 	return f.Close()
-}
-
-func cmp(a, b float64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
