@@ -140,6 +140,16 @@ func (p Policy) Validate() error {
 	if p.Window < 0 {
 		return fmt.Errorf("%w: window=%d must be >= 0", ErrPolicy, p.Window)
 	}
+	// Positions are int32: a larger count protects nothing more, and sums
+	// of two such counts would overflow.
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"budget", p.Budget}, {"sinks", p.Sinks}, {"window", p.Window}, {"min prompt", p.MinPrompt}, {"reserve", p.Reserve}} {
+		if f.v > MaxPositions {
+			return fmt.Errorf("%w: %s=%d exceeds %d, the most positions a sequence can hold", ErrPolicy, f.name, f.v, MaxPositions)
+		}
+	}
 	if p.Budget > 0 && p.Sinks+p.Window > p.Budget {
 		return fmt.Errorf("%w: sinks+window=%d+%d exceeds budget=%d", ErrPolicy, p.Sinks, p.Window, p.Budget)
 	}
@@ -150,8 +160,8 @@ func (p Policy) Validate() error {
 		return fmt.Errorf("%w: aggregate=%s", ErrPolicy, p.Aggregate)
 	}
 	for _, l := range p.SkipLayers {
-		if l < 0 {
-			return fmt.Errorf("%w: skip layer %d must be >= 0", ErrPolicy, l)
+		if l < 0 || l > MaxPositions {
+			return fmt.Errorf("%w: skip layer %d must be in [0, %d]", ErrPolicy, l, MaxPositions)
 		}
 	}
 	if p.MinPrompt < 0 {
@@ -161,6 +171,69 @@ func (p Policy) Validate() error {
 		return fmt.Errorf("%w: reserve=%d must be >= 0", ErrPolicy, p.Reserve)
 	}
 	return nil
+}
+
+// MaxPositions is the largest count of positions a policy field may hold
+// (positions are int32).
+const MaxPositions = math.MaxInt32
+
+// A Mismatch is a setting that Validate accepts but that cannot work on a
+// given model: Policy.CheckModel reports one per setting. Callers print it
+// under their own name for the setting (a flag, an environment variable).
+type Mismatch struct {
+	// Field names the Policy field: "SkipLayers", "Budget" or "Sinks+Window".
+	Field string
+	// Problem says what is wrong and what happens, in one line.
+	Problem string
+	// Off is set when nothing can be compressed on this model at all.
+	Off bool
+}
+
+func (m Mismatch) Error() string { return m.Field + ": " + m.Problem }
+
+// CheckModel reports the settings of p that cannot work on a model of
+// layers layers whose sequences hold context cells (0: unknown, not
+// checked): skipped layers the model does not have, every layer skipped, a
+// budget that keeps every position the context can hold (the prompt is never
+// compressed after prefill, only under cache pressure), and sinks plus window
+// that protect the whole context. p is assumed valid (Validate).
+func (p Policy) CheckModel(layers, context int) []Mismatch {
+	var out []Mismatch
+	if layers > 0 {
+		var beyond []int
+		skipped := map[int]bool{}
+		for _, l := range p.SkipLayers {
+			if l >= layers {
+				beyond = append(beyond, l)
+			} else {
+				skipped[l] = true
+			}
+		}
+		if len(beyond) > 0 {
+			out = append(out, Mismatch{Field: "SkipLayers", Problem: fmt.Sprintf(
+				"layer(s) %s do not exist: the model has %d layers (0-%d); they are ignored", FormatLayers(beyond), layers, layers-1)})
+		}
+		if len(skipped) == layers {
+			what := "no layer is compressed"
+			if p.Granularity == hooks.PerToken {
+				what = "no layer votes, so no position can be scored"
+			}
+			out = append(out, Mismatch{Field: "SkipLayers", Off: true, Problem: fmt.Sprintf(
+				"%s skips every one of the model's %d layers: %s; compression is off", FormatLayers(p.SkipLayers), layers, what)})
+		}
+	}
+	if context > 0 {
+		if p.Budget >= context {
+			out = append(out, Mismatch{Field: "Budget", Problem: fmt.Sprintf(
+				"budget=%d >= the context of %d cells: every position fits the budget, so a prompt is never compressed after prefill (only under cache pressure)", p.Budget, context)})
+		}
+		// The last position is always kept, hence max(window, 1).
+		if p.Sinks+max(p.Window, 1) >= context {
+			out = append(out, Mismatch{Field: "Sinks+Window", Off: true, Problem: fmt.Sprintf(
+				"sinks+window=%d+%d (with the last position) cover the context of %d cells: every position is protected; compression is off", p.Sinks, p.Window, context)})
+		}
+	}
+	return out
 }
 
 // String describes the policy in one line, e.g.

@@ -32,6 +32,12 @@ func TestPolicyValidate(t *testing.T) {
 		{"negative skip layer", func(p *Policy) { p.SkipLayers = []int{-1} }, "skip layer -1"},
 		{"negative min prompt", func(p *Policy) { p.MinPrompt = -1 }, "min prompt=-1"},
 		{"negative reserve", func(p *Policy) { p.Reserve = -1 }, "reserve=-1"},
+		// Near MaxInt, sinks+window would overflow and every plan fail.
+		{"huge sinks", func(p *Policy) { p.Sinks = math.MaxInt - 1 }, "sinks=9223372036854775806 exceeds 2147483647"},
+		{"huge window", func(p *Policy) { p.Window = math.MaxInt }, "window=9223372036854775807 exceeds"},
+		{"huge sinks and window", func(p *Policy) { p.Sinks, p.Window = math.MaxInt/2+1, math.MaxInt/2+1 }, "sinks="},
+		{"huge budget", func(p *Policy) { p.Budget = math.MaxInt32 + 1 }, "budget=2147483648 exceeds"},
+		{"huge skip layer", func(p *Policy) { p.SkipLayers = []int{math.MaxInt} }, "skip layer 9223372036854775807"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -47,6 +53,51 @@ func TestPolicyValidate(t *testing.T) {
 	p := DefaultPolicy()
 	p.Keep, p.Budget = 0, 8
 	assert.NoError(t, p.Validate())
+}
+
+func TestCheckModel(t *testing.T) {
+	with := func(edit func(p *Policy)) Policy {
+		p := DefaultPolicy()
+		edit(&p)
+		require.NoError(t, p.Validate())
+		return p
+	}
+	cases := []struct {
+		name            string
+		p               Policy
+		layers, context int
+		want            []string // one Mismatch each, in order: field and a fragment of the problem
+		off             bool
+	}{
+		{"default fits", DefaultPolicy(), 5, 512, nil, false},
+		{"unknown model", with(func(p *Policy) { p.SkipLayers = []int{40}; p.Budget = 1 << 20 }), 0, 0, nil, false},
+		{"skip beyond the model", with(func(p *Policy) { p.SkipLayers = []int{0, 1, 7, 9} }), 5, 512,
+			[]string{"SkipLayers: layer(s) 7,9 do not exist: the model has 5 layers (0-4); they are ignored"}, false},
+		{"skip all per head", with(func(p *Policy) { p.SkipLayers = []int{0, 1, 2}; p.Granularity = hooks.PerHead }), 3, 512,
+			[]string{"SkipLayers: 0,1,2 skips every one of the model's 3 layers: no layer is compressed; compression is off"}, true},
+		{"skip all per token, and more", with(func(p *Policy) { p.SkipLayers = []int{2, 1, 0, 1, 5} }), 3, 512,
+			[]string{"SkipLayers: layer(s) 5 do not exist", "SkipLayers: 2,1,0,1,5 skips every one of the model's 3 layers: no layer votes"}, true},
+		{"budget covers the context", with(func(p *Policy) { p.Budget = 512 }), 5, 512,
+			[]string{"Budget: budget=512 >= the context of 512 cells: every position fits the budget, so a prompt is never compressed after prefill"}, false},
+		{"budget below the context", with(func(p *Policy) { p.Budget = 511 }), 5, 512, nil, false},
+		{"sinks and window cover the context", with(func(p *Policy) { p.Sinks, p.Window = 100, 28 }), 5, 128,
+			[]string{"Sinks+Window: sinks+window=100+28 (with the last position) cover the context of 128 cells"}, true},
+		{"sinks and the last position cover the context", with(func(p *Policy) { p.Sinks = 127 }), 5, 128,
+			[]string{"Sinks+Window: sinks+window=127+0"}, true},
+		{"sinks leave one position", with(func(p *Policy) { p.Sinks = 126 }), 5, 128, nil, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := c.p.CheckModel(c.layers, c.context)
+			require.Len(t, got, len(c.want), "%v", got)
+			off := false
+			for i, m := range got {
+				assert.Contains(t, m.Error(), c.want[i])
+				off = off || m.Off
+			}
+			assert.Equal(t, c.off, off)
+		})
+	}
 }
 
 func TestParsers(t *testing.T) {

@@ -3,6 +3,7 @@ package hooks
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 	"unsafe"
 
@@ -161,9 +162,10 @@ func (g Granularity) String() string {
 	return fmt.Sprintf("granularity(%d)", uint8(g))
 }
 
-// ParseGranularity parses "per-token" or "per-head".
+// ParseGranularity parses "per-token" or "per-head" (any case, as
+// adapter.ParseMethod).
 func ParseGranularity(s string) (Granularity, error) {
-	switch s {
+	switch strings.ToLower(strings.TrimSpace(s)) {
 	case "per-token", "token", "pertoken":
 		return PerToken, nil
 	case "per-head", "head", "perhead":

@@ -59,6 +59,12 @@ func TestNames(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, g, got)
 	}
+	// Any case, like the policy names.
+	for in, want := range map[string]hooks.Granularity{"PER-HEAD": hooks.PerHead, " Per-Token ": hooks.PerToken, "Head": hooks.PerHead} {
+		got, err := hooks.ParseGranularity(in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, got, in)
+	}
 	assert.Equal(t, "prefill", hooks.TriggerPrefill.String())
 	assert.Equal(t, "pressure", hooks.TriggerPressure.String())
 	assert.Equal(t, "explicit", hooks.TriggerExplicit.String())

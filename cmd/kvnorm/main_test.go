@@ -93,6 +93,22 @@ func TestSynthCommand(t *testing.T) {
 	code, _, errs = cli(t, "synth", "--shape", "custom", "--layers", "2", "--heads", "3", "--kv-heads", "2", "--head-dim", "8", "--embd", "24", "--ffn", "32", "-o", out)
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, "heads=3 is not a multiple of kv heads=2")
+	// A custom shape takes --rope-base (and its default) into the file.
+	for _, tc := range []struct {
+		args []string
+		want float32
+	}{{nil, 10000}, {[]string{"--rope-base", "500000"}, 500000}} {
+		args := append([]string{"synth", "--shape", "custom", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+			"--head-dim", "8", "--embd", "32", "--ffn", "32", "--vocab", "64", "-o", out}, tc.args...)
+		code, _, errs = cli(t, args...)
+		require.Equal(t, 0, code, errs)
+		f, err := gguf.Open(out)
+		require.NoError(t, err)
+		v, ok := f.Value("llama.rope.freq_base")
+		f.Close()
+		require.True(t, ok)
+		assert.Equal(t, tc.want, v, "rope base of %v", tc.args)
+	}
 	code, _, errs = cli(t, "synth", "--shape", "tiny")
 	assert.Equal(t, 1, code)
 	assert.Contains(t, errs, "-o OUT.gguf is required")

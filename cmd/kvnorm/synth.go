@@ -40,7 +40,10 @@ func runSynth(args []string, stdout, stderr io.Writer) error {
 	}
 	s, ok := synth.Shapes[*shape]
 	if *shape == "custom" {
-		c.Name, c.RopeBase, s, ok = "custom", float32(*rope), c, true
+		// Set the fields before copying c: in one tuple assignment the copy
+		// would be taken first and lose them.
+		c.Name, c.RopeBase = "custom", float32(*rope)
+		s, ok = c, true
 	}
 	if !ok {
 		return fmt.Errorf("--shape %q: want one of %s or custom", *shape, strings.Join(synth.ShapeNames(), ", "))
