@@ -177,12 +177,10 @@ func (e *Engine) run(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, er
 	capacity := e.s.capacity
 	var out [][]float32
 	for off := 0; off < len(tokens); {
-		n := min(e.s.batch, len(tokens)-off, capacity)
-		if e.used(seq)+n > capacity {
-			// Chunks small enough for compression under pressure to make
-			// room for them.
-			n = min(n, max(1, capacity/2))
-		}
+		// Chunks small enough for compression under pressure to make room
+		// for them (the observer's policy is not known here: it keeps at
+		// least the last position).
+		n := chunkSize(min(e.s.batch, len(tokens)-off), len(tokens)-off, capacity, e.s.used(int(seq)), 1, false)
 		var outs []int32
 		switch {
 		case all:
@@ -206,17 +204,6 @@ func (e *Engine) run(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, er
 		return nil, err
 	}
 	return out, nil
-}
-
-// used is the largest number of cells a layer of seq holds.
-func (e *Engine) used(seq hooks.SeqID) int {
-	if e.c.lay == nil {
-		return 0
-	}
-	if s := e.c.lay.seqs[int(seq)]; s != nil {
-		return s.used()
-	}
-	return 0
 }
 
 // CompactHeads keeps the plan's positions in each planned layer and head

@@ -39,17 +39,8 @@ func InstallWith(m model.Model, o Options) (*Cache, error) {
 	}
 	cfg := m.Backend().Config()
 	arch := cfg.Architecture()
-	switch cur := m.Config().Cache.(type) {
-	case *kvcache.Causal:
-		if latentAttention[arch] {
-			return nil, fmt.Errorf("%w: architecture %q caches one latent vector per token (multi-head latent attention), not keys per KV head", ErrUnsupportedModel, arch)
-		}
-	case *kvcache.WrapperCache:
-		return nil, fmt.Errorf("%w: architecture %q uses a *kvcache.WrapperCache (sliding-window, chunked or cross-attention layers); kvnorm replaces plain causal caches only", ErrUnsupportedModel, arch)
-	case nil:
-		return nil, fmt.Errorf("%w: architecture %q has no KV cache", ErrUnsupportedModel, arch)
-	default:
-		return nil, fmt.Errorf("%w: architecture %q uses a %T cache; kvnorm replaces plain causal caches only", ErrUnsupportedModel, arch, cur)
+	if err := CheckCache(arch, m.Config().Cache); err != nil {
+		return nil, err
 	}
 
 	heads := int(cfg.Uint("attention.head_count"))
@@ -85,6 +76,27 @@ func InstallWith(m model.Model, o Options) (*Cache, error) {
 		return nil, fmt.Errorf("%w: architecture %q: the cache did not take", ErrUnsupportedModel, arch)
 	}
 	return c, nil
+}
+
+// CheckCache says whether kvnorm can replace cache, the KV cache a model of
+// architecture arch was built with (model.Config().Cache): nil for a plain
+// *kvcache.Causal holding keys per KV head, else an error wrapping
+// ErrUnsupportedModel that says why. It needs no backend, so the server can
+// ask it of the model its text processor builds, before choosing a runner.
+func CheckCache(arch string, cache kvcache.Cache) error {
+	switch cur := cache.(type) {
+	case *kvcache.Causal:
+		if latentAttention[arch] {
+			return fmt.Errorf("%w: architecture %q caches one latent vector per token (multi-head latent attention), not keys per KV head", ErrUnsupportedModel, arch)
+		}
+		return nil
+	case *kvcache.WrapperCache:
+		return fmt.Errorf("%w: architecture %q uses a *kvcache.WrapperCache (sliding-window, chunked or cross-attention layers); kvnorm replaces plain causal caches only", ErrUnsupportedModel, arch)
+	case nil:
+		return fmt.Errorf("%w: architecture %q has no KV cache", ErrUnsupportedModel, arch)
+	default:
+		return fmt.Errorf("%w: architecture %q uses a %T cache; kvnorm replaces plain causal caches only", ErrUnsupportedModel, arch, cur)
+	}
 }
 
 type shifter interface {

@@ -21,6 +21,8 @@ import (
 	"github.com/ollama/ollama/model/input"
 	_ "github.com/ollama/ollama/model/models" // every architecture
 	"github.com/ollama/ollama/tokenizer"
+
+	"github.com/kvnorm/kvnorm/adapter"
 )
 
 // Session is a model loaded in Ollama's Go engine with its cache, decoding
@@ -34,6 +36,7 @@ type Session struct {
 	spacePrefix bool
 	batch       int
 	capacity    int
+	protected   int // positions a compression always keeps (sinks, window, the last); 0 without a policy
 	next        map[int]int32
 	pipelined   bool
 	closed      bool
@@ -72,6 +75,17 @@ func Open(path string, cfg Config) (*Session, error) {
 	fail := func(err error) (*Session, error) {
 		m.Backend().Close()
 		return nil, err
+	}
+	if p := cfg.Policy; p != nil {
+		// Settings this model cannot use: a policy that can compress
+		// nothing is refused, the others are logged.
+		for _, mm := range p.CheckModel(int(m.Backend().Config().Uint("block_count")), cfg.Context) {
+			if mm.Off {
+				return fail(fmt.Errorf("ollama: %w for %s: %w", adapter.ErrPolicy, path, mm))
+			}
+			log.Warn("kvnorm: policy setting does not fit the model", "model", path, "problem", mm.Error())
+		}
+		s.protected = p.Sinks + max(p.Window, 1)
 	}
 	if !cfg.Upstream {
 		c, err := InstallWith(m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined, Observe: cfg.Observe})
@@ -179,7 +193,11 @@ func (s *Session) Len(seq int) int32 {
 }
 
 // Decode appends tokens to seq, in forward passes of at most Config.Batch
-// tokens, and returns the logits of the last one.
+// tokens, and returns the logits of the last one. With a policy, tokens that
+// do not fit in the cache are fed in smaller passes, each after a compression
+// under pressure has made room for it (see chunkSize), so a prompt longer than
+// Config.Context completes; without one they fail with Ollama's
+// kvcache.ErrKvCacheFull.
 func (s *Session) Decode(seq int, tokens []int32) ([]float32, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -200,16 +218,54 @@ func (s *Session) decode(seq int, tokens []int32) ([]float32, error) {
 		}
 	}
 	var logits []float32
-	for start := 0; start < len(tokens); start += s.batch {
-		chunk := tokens[start:min(start+s.batch, len(tokens))]
-		last := start+len(chunk) == len(tokens)
+	for start := 0; start < len(tokens); {
+		n := min(s.batch, len(tokens)-start)
+		if s.protected > 0 {
+			n = chunkSize(n, len(tokens)-start, s.capacity, s.used(seq), s.protected, s.pipelined)
+		}
+		chunk := tokens[start : start+n]
+		last := start+n == len(tokens)
 		out, err := s.forward(seq, chunk, last)
 		if err != nil {
 			return nil, err
 		}
 		logits = out
+		start += n
 	}
 	return logits, nil
+}
+
+// chunkSize is the size of the next forward pass of a sequence that holds
+// used of its capacity cells, with total tokens still to feed (n of them, at
+// most one batch, in this pass), when a compression under pressure makes room
+// before a pass that does not fit (the cache's CachePressure path). A pass
+// never exceeds the cache; one that needs room is at most half the cache,
+// and small enough that room can be made for it: a compression keeps
+// protected positions (sinks, window, the last). In pipelined mode the norms
+// of the two previous passes are not read yet and their positions stay, so
+// once the tokens will not all fit, every pass is at most a third of what
+// can be freed.
+func chunkSize(n, total, capacity, used, protected int, pipelined bool) int {
+	n = min(n, capacity)
+	if used+total <= capacity || (!pipelined && used+n <= capacity) {
+		return n
+	}
+	room := capacity - protected
+	if pipelined {
+		room /= 3
+	}
+	return max(1, min(n, capacity/2, room))
+}
+
+// used is the largest number of cells a layer of seq holds.
+func (s *Session) used(seq int) int {
+	if s.cache == nil || s.cache.lay == nil {
+		return 0
+	}
+	if sc := s.cache.lay.seqs[seq]; sc != nil {
+		return sc.used()
+	}
+	return 0
 }
 
 func (s *Session) forward(seq int, chunk []int32, output bool) ([]float32, error) {

@@ -65,16 +65,15 @@ var patches = []patch{
 `,
 	},
 	{
+		// After Ollama's own choice of the Go engine (tok != nil), before
+		// it loads the llama.cpp runner's vocabulary when tok is nil.
 		file: "llm/server.go",
-		anchor: `	if tok == nil {
-		llamaModel, err = llama.LoadModelFromFile(modelPath, llama.ModelParams{VocabOnly: true})
-		if err != nil {
-			return nil, err
+		anchor: `			slog.Debug("model not yet supported by Ollama engine, switching to compatibility mode", "model", modelPath, "error", err)
 		}
 	}
 `,
-		insert: `	// kvnorm: refuse invalid OLLAMA_KV_NORM_* values before starting a runner.
-	if err := kvnormhook.CheckServer(tok != nil); err != nil {
+		insert: `	// kvnorm: refuse invalid OLLAMA_KV_NORM_* values; with compression on, run a model kvnorm can compress on the Go engine.
+	if tok, err = kvnormhook.CheckServer(tok, modelPath, f, len(projectors), opts.NumCtx); err != nil {
 		return nil, err
 	}
 `,

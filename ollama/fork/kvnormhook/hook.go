@@ -1,18 +1,23 @@
-// Package kvnormhook is the code kvnorm's Ollama fork calls: two lines
+// Package kvnormhook is the code kvnorm's Ollama fork calls: two calls
 // inserted in Ollama v0.24.0 by kvnorm's build tool (package fork), both
 // no-ops unless OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is set.
 //
-//	llm/server.go, NewLlamaServer, once the runner is chosen:
-//	    if err := kvnormhook.CheckServer(tok != nil); err != nil { return nil, err }
+//	llm/server.go, NewLlamaServer, after Ollama's own choice of the Go engine:
+//	    if tok, err = kvnormhook.CheckServer(tok, modelPath, f, len(projectors), opts.NumCtx); err != nil { return nil, err }
 //	runner/ollamarunner/runner.go, allocModel, after model.New:
 //	    if err := kvnormhook.Install(s.model); err != nil { return err }
 //
 // CheckServer validates the environment in the server, so that an invalid
-// value refuses to start the runner with a message naming the variable, and
-// warns when the model goes to the llama.cpp runner, which kvnorm does not
-// hook. Install replaces the model's KV cache with kvnorm's (package ollama)
-// before the runner initialises it; the cache logs one line per compression
-// ("kvnorm: compressed ...") in the runner's log, which the server shows.
+// value refuses to start the runner with a message naming the variable;
+// warns, one line each, about settings this model cannot use (adapter.Policy
+// CheckModel); and routes: a model Ollama would send to its llama.cpp runner
+// (which kvnorm does not hook) goes to the Go engine when the Go engine runs
+// its architecture and kvnorm can replace its cache, with a log line saying
+// so, so that OLLAMA_NEW_ENGINE=1 is not needed. A model it cannot compress
+// stays on llama.cpp with a warning saying why. Install replaces the model's
+// KV cache with kvnorm's (package ollama) before the runner initialises it;
+// the cache logs one line per compression ("kvnorm: compressed ...") in the
+// runner's log, which the server shows.
 //
 // Configuration, like Ollama's own KV options:
 //
@@ -28,6 +33,7 @@
 package kvnormhook
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -81,8 +87,8 @@ func PolicyFromEnv(getenv func(string) string) (*adapter.Policy, error) {
 	}
 	if v := get(EnvBudget); v != "" {
 		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			return nil, bad(EnvBudget, v, "want a number of positions > 0")
+		if err != nil || n <= 0 || n > adapter.MaxPositions {
+			return nil, bad(EnvBudget, v, fmt.Sprintf("want a number of positions from 1 to %d", adapter.MaxPositions))
 		}
 		p.Budget, on = n, true
 	}
@@ -120,8 +126,8 @@ func PolicyFromEnv(getenv func(string) string) (*adapter.Policy, error) {
 	}{{EnvSinks, &p.Sinks}, {EnvWindow, &p.Window}, {EnvMinPrompt, &p.MinPrompt}} {
 		if v := get(iv.name); v != "" {
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 0 {
-				return nil, bad(iv.name, v, "want a number >= 0")
+			if err != nil || n < 0 || n > adapter.MaxPositions {
+				return nil, bad(iv.name, v, fmt.Sprintf("want a number of positions from 0 to %d", adapter.MaxPositions))
 			}
 			*iv.dst = n
 		}
@@ -135,20 +141,84 @@ func PolicyFromEnv(getenv func(string) string) (*adapter.Policy, error) {
 	return &p, nil
 }
 
-// CheckServer is called by the server once it has chosen the runner
-// (goEngine: Ollama's Go engine). It refuses invalid OLLAMA_KV_NORM_* values
-// and warns when compression is on but the llama.cpp runner will run.
-func CheckServer(goEngine bool) error {
-	p, err := PolicyFromEnv(nil)
-	if err != nil {
-		return err
+// ServerModel is what the server knows of a model when NewLlamaServer loads
+// it, before a runner starts.
+type ServerModel struct {
+	Arch string
+	// Layers is the model's block count; Context the cells each sequence
+	// gets (num_ctx, capped at the trained context); 0 when unknown.
+	Layers, Context int
+	// Projectors counts the separate vision projectors (only the llama.cpp
+	// runner loads them).
+	Projectors int
+	// GoEngine is set when Ollama already chose its Go engine
+	// (OLLAMA_NEW_ENGINE=1, or an architecture only that engine runs).
+	GoEngine bool
+}
+
+// logLine is one line the server logs about a model.
+type logLine struct {
+	level slog.Level
+	msg   string
+	args  []any
+}
+
+// serverDecision is what the server does with a model: run it on the Go
+// engine instead of the llama.cpp runner (route), and the lines it logs.
+type serverDecision struct {
+	route bool
+	lines []logLine
+}
+
+// envOf names the variable behind an adapter.Mismatch field.
+var envOf = map[string]string{
+	"SkipLayers":   EnvSkipLayers,
+	"Budget":       EnvBudget,
+	"Sinks+Window": EnvSinks + "+" + EnvWindow,
+}
+
+// decideServer is the server's choice for a model with compression policy p
+// (nil: off, nothing to do). Settings that cannot work on this model get one
+// warning each; one that turns compression off for it (every layer skipped,
+// every position protected) leaves the model where Ollama put it. Otherwise a
+// model bound for the llama.cpp runner goes to the Go engine when goEngine
+// says the Go engine runs it and kvnorm can replace its cache (nil error);
+// when it cannot, the model stays on llama.cpp, uncompressed, with a warning
+// saying why.
+func decideServer(p *adapter.Policy, m ServerModel, goEngine func() error) serverDecision {
+	var d serverDecision
+	if p == nil {
+		return d
+	}
+	warn := func(msg string, args ...any) { d.lines = append(d.lines, logLine{slog.LevelWarn, msg, args}) }
+	info := func(msg string, args ...any) { d.lines = append(d.lines, logLine{slog.LevelInfo, msg, args}) }
+	off := false
+	for _, mm := range p.CheckModel(m.Layers, m.Context) {
+		warn("kvnorm: "+envOf[mm.Field]+" does not fit this model", "arch", m.Arch, "layers", m.Layers, "num_ctx", m.Context, "problem", mm.Problem)
+		off = off || mm.Off
 	}
 	switch {
-	case p == nil:
-	case goEngine:
-		slog.Info("kvnorm: KV cache compression on", "policy", p.String())
+	case off:
+	case m.GoEngine:
+		info("kvnorm: KV cache compression on", "arch", m.Arch, "policy", p.String())
+	case m.Projectors > 0:
+		warn("kvnorm: KV cache compression is off for this model: its vision projector is a separate file, which only the llama.cpp runner loads, and kvnorm does not hook that runner",
+			"arch", m.Arch, "policy", p.String())
 	default:
-		slog.Warn("kvnorm: KV cache compression is off for this model: it runs on the llama.cpp runner, which kvnorm does not hook; set OLLAMA_NEW_ENGINE=1 to run it on Ollama's Go engine", "policy", p.String())
+		if err := goEngine(); err != nil {
+			warn("kvnorm: KV cache compression is off for this model: it runs on the llama.cpp runner, which kvnorm does not hook",
+				"arch", m.Arch, "policy", p.String(), "reason", err)
+			break
+		}
+		d.route = true
+		info("kvnorm: KV cache compression on: the model runs on Ollama's Go engine (routed by kvnorm; OLLAMA_NEW_ENGINE=1 is not needed)",
+			"arch", m.Arch, "policy", p.String())
 	}
-	return nil
+	return d
+}
+
+func (d serverDecision) log(l *slog.Logger) {
+	for _, ln := range d.lines {
+		l.Log(context.Background(), ln.level, ln.msg, ln.args...)
+	}
 }

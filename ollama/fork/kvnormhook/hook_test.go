@@ -1,6 +1,10 @@
 package kvnormhook
 
 import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -71,11 +75,104 @@ func TestPolicyFromEnvRefuses(t *testing.T) {
 	assert.ErrorContains(t, err, "OLLAMA_KV_NORM_")
 }
 
-func TestCheckServer(t *testing.T) {
-	t.Setenv(EnvKeep, "")
-	assert.NoError(t, CheckServer(true))
-	t.Setenv(EnvKeep, "0.5")
-	assert.NoError(t, CheckServer(false))
-	t.Setenv(EnvKeep, "half")
-	assert.ErrorContains(t, CheckServer(true), "OLLAMA_KV_NORM_KEEP=\"half\"")
+// Values that parse but could never work are refused, naming the variable:
+// sinks or window near MaxInt overflowed sinks+window into every compression
+// failing. GRANULARITY takes any case, as POLICY does.
+func TestPolicyFromEnvLimits(t *testing.T) {
+	for _, tc := range []struct {
+		kv   map[string]string
+		want string
+	}{
+		{map[string]string{EnvKeep: "0.5", EnvSinks: "9223372036854775806"}, `OLLAMA_KV_NORM_SINKS="9223372036854775806": want a number of positions from 0 to 2147483647`},
+		{map[string]string{EnvKeep: "0.5", EnvWindow: "2147483648"}, `OLLAMA_KV_NORM_WINDOW="2147483648"`},
+		{map[string]string{EnvBudget: "9223372036854775807"}, `OLLAMA_KV_NORM_BUDGET="9223372036854775807": want a number of positions from 1 to 2147483647`},
+		{map[string]string{EnvKeep: "0.5", EnvSkipLayers: "0,9223372036854775807"}, "OLLAMA_KV_NORM_SKIP_LAYERS"},
+	} {
+		_, err := PolicyFromEnv(env(tc.kv))
+		require.ErrorIs(t, err, ErrEnv, "%v", tc.kv)
+		assert.ErrorContains(t, err, tc.want)
+	}
+	p, err := PolicyFromEnv(env(map[string]string{EnvKeep: "0.5", EnvSinks: "2147483647", EnvWindow: "2147483647"}))
+	require.NoError(t, err, "the largest counts still validate")
+	assert.Equal(t, 2147483647, p.Sinks)
+	for _, g := range []string{"PER-TOKEN", "Per-Head", " per-head "} {
+		p, err := PolicyFromEnv(env(map[string]string{EnvKeep: "0.5", EnvGranularity: g, EnvPolicy: "KNORM"}))
+		require.NoError(t, err, g)
+		assert.Equal(t, strings.Contains(strings.ToLower(g), "token"), p.Granularity == hooks.PerToken, g)
+	}
+}
+
+// The server's decision for one model: validation lines, then the runner.
+func TestDecideServer(t *testing.T) {
+	half := &adapter.Policy{}
+	*half = adapter.DefaultPolicy()
+	half.Granularity = hooks.PerHead
+	with := func(edit func(p *adapter.Policy)) *adapter.Policy {
+		p := *half
+		edit(&p)
+		require.NoError(t, p.Validate())
+		return &p
+	}
+	runs := func() error { return nil }
+	cannot := func() error { return errors.New("architecture \"gemma2\" uses a *kvcache.WrapperCache") }
+	llama := ServerModel{Arch: "llama", Layers: 5, Context: 512}
+	goEngine := llama
+	goEngine.GoEngine = true
+	vision := llama
+	vision.Projectors = 1
+	cases := []struct {
+		name   string
+		p      *adapter.Policy
+		m      ServerModel
+		probe  func() error
+		route  bool
+		probed bool
+		lines  []string // level and message fragments, in order
+	}{
+		{"compression off: upstream", nil, llama, runs, false, false, nil},
+		{"llama bound for llama.cpp goes to the Go engine", half, llama, runs, true, true,
+			[]string{"INFO kvnorm: KV cache compression on: the model runs on Ollama's Go engine (routed by kvnorm; OLLAMA_NEW_ENGINE=1 is not needed)"}},
+		{"already on the Go engine", half, goEngine, runs, false, false, []string{"INFO kvnorm: KV cache compression on"}},
+		{"a model kvnorm cannot compress stays, with a warning", half, llama, cannot, false, true,
+			[]string{"WARN kvnorm: KV cache compression is off for this model: it runs on the llama.cpp runner"}},
+		{"split vision model stays", half, vision, runs, false, false,
+			[]string{"WARN kvnorm: KV cache compression is off for this model: its vision projector is a separate file"}},
+		{"skip layers beyond the model: warned, still routed", with(func(p *adapter.Policy) { p.SkipLayers = []int{0, 1, 9} }), llama, runs, true, true,
+			[]string{"WARN kvnorm: OLLAMA_KV_NORM_SKIP_LAYERS does not fit this model", "INFO kvnorm: KV cache compression on: the model runs"}},
+		{"every layer skipped: off, not routed", with(func(p *adapter.Policy) { p.SkipLayers = []int{0, 1, 2, 3, 4} }), llama, runs, false, false,
+			[]string{"WARN kvnorm: OLLAMA_KV_NORM_SKIP_LAYERS does not fit this model"}},
+		{"budget >= num_ctx: warned", with(func(p *adapter.Policy) { p.Budget = 512 }), goEngine, runs, false, false,
+			[]string{"WARN kvnorm: OLLAMA_KV_NORM_BUDGET does not fit this model", "INFO kvnorm: KV cache compression on"}},
+		{"sinks+window cover num_ctx: off", with(func(p *adapter.Policy) { p.Sinks, p.Window = 256, 256 }), llama, runs, false, false,
+			[]string{"WARN kvnorm: OLLAMA_KV_NORM_SINKS+OLLAMA_KV_NORM_WINDOW does not fit this model"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			probed := false
+			d := decideServer(c.p, c.m, func() error { probed = true; return c.probe() })
+			assert.Equal(t, c.route, d.route)
+			assert.Equal(t, c.probed, probed, "the Go engine is asked only when it decides")
+			var buf bytes.Buffer
+			d.log(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+				if a.Key == slog.TimeKey {
+					return slog.Attr{}
+				}
+				return a
+			}})))
+			got := strings.Split(strings.TrimSpace(buf.String()), "\n")
+			if len(c.lines) == 0 {
+				assert.Empty(t, strings.TrimSpace(buf.String()))
+				return
+			}
+			require.Len(t, got, len(c.lines), buf.String())
+			for i, want := range c.lines {
+				level, msg, _ := strings.Cut(want, " ")
+				assert.Contains(t, got[i], "level="+level, got[i])
+				assert.Contains(t, got[i], `msg="`+msg, got[i])
+			}
+			if c.p != nil && len(d.lines) > 0 {
+				assert.Contains(t, buf.String(), "arch=llama")
+			}
+		})
+	}
 }

@@ -19,6 +19,14 @@ func Install(m model.Model) error {
 	if err != nil || p == nil {
 		return err
 	}
+	// The server has logged why (CheckServer); the runner only follows.
+	layers := int(m.Backend().Config().Uint("block_count"))
+	for _, mm := range p.CheckModel(layers, 0) {
+		if mm.Off {
+			slog.Debug("kvnorm: cache not installed", "problem", mm.Problem)
+			return nil
+		}
+	}
 	c, err := ollama.InstallWith(m, ollama.Options{Policy: p, Logger: slog.Default(), Pipelined: true})
 	if errors.Is(err, ollama.ErrUnsupportedModel) {
 		slog.Warn("kvnorm: KV cache compression is off for this model", "error", err)
