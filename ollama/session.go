@@ -35,6 +35,7 @@ type Session struct {
 	tok         tokenizer.Tokenizer
 	spacePrefix bool
 	batch       int
+	maxBatch    int // Config.Batch, what the cache was sized for
 	capacity    int
 	protected   int // positions a compression always keeps (sinks, window, the last); 0 without a policy
 	next        map[int]int32
@@ -71,7 +72,7 @@ func Open(path string, cfg Config) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ollama: load %s: %w", path, err)
 	}
-	s := &Session{m: m, batch: cfg.Batch, capacity: cfg.Context, next: map[int]int32{}, pipelined: cfg.Pipelined}
+	s := &Session{m: m, batch: cfg.Batch, maxBatch: cfg.Batch, capacity: cfg.Context, next: map[int]int32{}, pipelined: cfg.Pipelined}
 	fail := func(err error) (*Session, error) {
 		m.Backend().Close()
 		return nil, err
@@ -140,6 +141,19 @@ func (s *Session) Close() error {
 	s.closed = true
 	s.kv.Close()
 	s.m.Backend().Close()
+	return nil
+}
+
+// SetBatch sets the largest forward pass to n tokens, 1 <= n <= Config.Batch
+// (the cache was sized for Config.Batch): a smaller prefill chunk for a
+// prompt longer than the cache leaves room for compressions under pressure.
+func (s *Session) SetBatch(n int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n < 1 || n > s.maxBatch {
+		return fmt.Errorf("ollama: batch %d must be in [1, %d] (Config.Batch)", n, s.maxBatch)
+	}
+	s.batch = n
 	return nil
 }
 

@@ -130,7 +130,8 @@ func openLlamacppEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 }
 
 // generateLlamacpp runs `kvnorm generate --runtime llamacpp`: the prompt is
-// decoded into a llama.cpp context (in chunks when it exceeds --ctx), the
+// decoded into a llama.cpp context (in chunks when it exceeds --ctx, sized by
+// prefillBatch, each after a compression under pressure has made room), the
 // cache is compressed after prefill with the policy (keys streamed through
 // cb_eval), then --n tokens are generated, compressing again under pressure.
 func generateLlamacpp(ctx context.Context, o generateOptions) (*generateResult, error) {
@@ -157,19 +158,6 @@ func generateLlamacpp(ctx context.Context, o generateOptions) (*generateResult, 
 	if o.FlashAttn {
 		fa = llamacpp.FlashAttnOn
 	}
-	lc, err := m.NewContext(llamacpp.ContextOptions{
-		NCtx: o.Ctx, NBatch: o.Batch, Threads: o.Threads, FlashAttn: fa, KType: ct, VType: ct,
-	})
-	if err != nil {
-		return nil, err
-	}
-	defer lc.Close()
-	var comp *adapter.Compressor
-	if o.Compress {
-		if comp, err = lc.EnableCompression(o.Policy); err != nil {
-			return nil, err
-		}
-	}
 	prompt, err := m.Tokenize(o.Prompt, true)
 	if err != nil {
 		return nil, err
@@ -177,11 +165,37 @@ func generateLlamacpp(ctx context.Context, o generateOptions) (*generateResult, 
 	if len(prompt) == 0 {
 		return nil, errors.New("the prompt has no tokens")
 	}
-	if len(prompt) > lc.Capacity() && comp == nil {
-		return nil, fmt.Errorf("the prompt has %d tokens but the context holds %d cells: raise --ctx, or compress (--keep < 1 or --budget) to feed it in chunks", len(prompt), lc.Capacity())
+	// llama.cpp pads a sequence's cells to a multiple of 256 (NewContext
+	// reports the result as Capacity).
+	lim := cacheLimits{Layers: m.Info().Layers, Capacity: (o.Ctx + 255) / 256 * 256}
+	if lim.Capacity != o.Ctx {
+		lim.Padding = "llama.cpp pads to a multiple of 256"
 	}
-	fmt.Fprintf(logw, "llamacpp: %s, %d prompt tokens, %d cells per sequence, cache %s, flash attention %v\n",
-		m.Info().Desc, len(prompt), lc.Capacity(), ct, fa)
+	if err := checkPolicy(o, lim); err != nil {
+		return nil, err
+	}
+	batch, err := prefillBatch(o, len(prompt), lim)
+	if err != nil {
+		return nil, err
+	}
+	lc, err := m.NewContext(llamacpp.ContextOptions{
+		NCtx: o.Ctx, NBatch: batch, Threads: o.Threads, FlashAttn: fa, KType: ct, VType: ct,
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer lc.Close()
+	if lc.Capacity() != lim.Capacity {
+		return nil, fmt.Errorf("llamacpp: --ctx %d gave %d cells per sequence, expected %d", o.Ctx, lc.Capacity(), lim.Capacity)
+	}
+	var comp *adapter.Compressor
+	if o.Compress {
+		if comp, err = lc.EnableCompression(o.Policy); err != nil {
+			return nil, err
+		}
+	}
+	fmt.Fprintf(logw, "llamacpp: %s, %d prompt tokens, %d cells per sequence, prefill chunks of %d, cache %s, flash attention %v\n",
+		m.Info().Desc, len(prompt), lc.Capacity(), batch, ct, fa)
 
 	var sampler *llamacpp.Sampler
 	if o.Temp > 0 {

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 
 	"github.com/kvnorm/kvnorm/conformance"
+	"github.com/kvnorm/kvnorm/gguf"
 	"github.com/kvnorm/kvnorm/hooks"
 	"github.com/kvnorm/kvnorm/llama2c"
 	"github.com/kvnorm/kvnorm/ollama"
@@ -95,7 +96,23 @@ func generateOllama(ctx context.Context, o generateOptions) (*generateResult, er
 	slog.SetDefault(slog.New(slog.NewTextHandler(o.Log, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	defer slog.SetDefault(prev)
 
-	cfg := ollama.Config{Context: o.Ctx, Batch: o.Batch, Threads: o.Threads, FlashAttention: o.FlashAttn,
+	// Settings the model cannot use are refused before it loads (its
+	// layers come from the GGUF header); the prefill chunk depends on the
+	// prompt's length, known once its tokenizer is loaded: the session opens
+	// with the batch of a prompt that fits and lowers it for a longer one.
+	layers, err := ggufLayers(path)
+	if err != nil {
+		return nil, err
+	}
+	lim := cacheLimits{Layers: layers, Capacity: o.Ctx}
+	if err := checkPolicy(o, lim); err != nil {
+		return nil, err
+	}
+	openBatch, err := prefillBatch(o, 0, lim)
+	if err != nil {
+		return nil, err
+	}
+	cfg := ollama.Config{Context: o.Ctx, Batch: openBatch, Threads: o.Threads, FlashAttention: o.FlashAttn,
 		CacheType: o.CacheType, Logger: slog.New(slog.NewTextHandler(o.Log, nil))}
 	if o.Compress {
 		p := o.Policy
@@ -110,6 +127,14 @@ func generateOllama(ctx context.Context, o generateOptions) (*generateResult, er
 	if err != nil {
 		return nil, fmt.Errorf("tokenize the prompt: %w", err)
 	}
+	batch, err := prefillBatch(o, len(prompt), lim)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.SetBatch(batch); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(o.Log, "ollama: %d prompt tokens, %d cells per sequence, prefill chunks of %d\n", len(prompt), o.Ctx, batch)
 	g, err := s.Generate(ctx, 0, prompt, o.N, ollama.GenerateOptions{Temperature: o.Temp, Seed: o.Seed})
 	if err != nil {
 		return nil, err
@@ -140,6 +165,24 @@ func generateOllama(ctx context.Context, o generateOptions) (*generateResult, er
 		res.DecodeTokensPerS = float64(len(g.Tokens)-1) / d
 	}
 	return res, nil
+}
+
+// ggufLayers reads <arch>.block_count from a GGUF file's header.
+func ggufLayers(path string) (int, error) {
+	f, err := gguf.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	arch, err := f.String("general.architecture")
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	n, err := f.Int(arch + ".block_count")
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return int(n), nil
 }
 
 // ollamaModelPath returns the GGUF file to load for --model: a GGUF file, a

@@ -24,11 +24,14 @@ type generateOptions struct {
 	Prompt    string
 	// Compress is false when the policy keeps everything (keep 1, no budget):
 	// the runtime then runs without a compressor at all.
-	Compress  bool
-	Policy    adapter.Policy
-	N         int
-	Ctx       int
+	Compress bool
+	Policy   adapter.Policy
+	N        int
+	Ctx      int
+	// Batch is --batch; BatchSet says the user gave it. Without it each
+	// runtime chooses the prefill chunk from its cache (see prefillBatch).
 	Batch     int
+	BatchSet  bool
 	Threads   int
 	CacheType string
 	FlashAttn bool
@@ -124,7 +127,7 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	pf := addPolicyFlags(fs, "per-token")
 	n := fs.Int("n", 64, "tokens to generate")
 	ctxLen := fs.Int("ctx", 2048, "context size in cells (llama.cpp pads to a multiple of 256)")
-	batch := fs.Int("batch", 512, "prefill batch size (chunk size when the prompt exceeds the context)")
+	batch := fs.Int("batch", 512, "prefill batch size (chunk size when the prompt exceeds the context); default: the whole prompt up to 512 when it fits, else a quarter of the cache")
 	threads := fs.Int("threads", 1, "CPU threads")
 	cacheType := fs.String("cache-type", "f16", "KV cache type: f16|q8_0|q4_0")
 	fa := fs.String("flash-attn", "on", "flash attention: on|off")
@@ -178,11 +181,13 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	if *temp < 0 {
 		return fmt.Errorf("--temp=%g must be >= 0", *temp)
 	}
+	batchSet := false
+	fs.Visit(func(f *flag.Flag) { batchSet = batchSet || f.Name == "batch" })
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	res, err := gen(ctx, generateOptions{
 		Runtime: *rt, Model: *model, Tokenizer: *tok, Prompt: text, Compress: compress, Policy: pol,
-		N: *n, Ctx: *ctxLen, Batch: *batch, Threads: *threads, CacheType: *cacheType, FlashAttn: flash,
+		N: *n, Ctx: *ctxLen, Batch: *batch, BatchSet: batchSet, Threads: *threads, CacheType: *cacheType, FlashAttn: flash,
 		Temp: *temp, Seed: *seed, Log: stderr,
 	})
 	if err != nil {
@@ -198,6 +203,68 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 		res.Runtime, res.Policy, res.PromptTokens, res.KVCellsBefore, res.KVCellsAfter, res.KVBytesBefore, res.KVBytesAfter,
 		res.GeneratedTokens, res.PrefillMs, res.CompressMs, res.DecodeTokensPerS)
 	return nil
+}
+
+// cacheLimits are the facts about a runtime's cache that a prefill batch
+// and a policy are checked against.
+type cacheLimits struct {
+	Layers   int    // the model's layers
+	Capacity int    // cells per sequence
+	Padding  string // how --ctx became Capacity, when it did not stay as given
+}
+
+// checkPolicy refuses a policy that cannot work on this model: adapter's
+// Policy.CheckModel, each finding named by its flag.
+func checkPolicy(o generateOptions, lim cacheLimits) error {
+	if !o.Compress {
+		return nil
+	}
+	flagOf := map[string]string{"SkipLayers": "--skip-layers", "Budget": "--budget", "Sinks+Window": "--sinks/--window"}
+	var errs []error
+	for _, mm := range o.Policy.CheckModel(lim.Layers, lim.Capacity) {
+		errs = append(errs, fmt.Errorf("%s does not fit this model (%d layers, %d cells per sequence): %s", flagOf[mm.Field], lim.Layers, lim.Capacity, mm.Problem))
+	}
+	return errors.Join(errs...)
+}
+
+// prefillBatch chooses the batch (the prefill chunk) for a prompt of prompt
+// tokens, the same way for every runtime. A prompt that fits in the cache
+// goes in chunks of up to 512 tokens (--batch when given); a longer one needs
+// compression, which makes room before every chunk that does not fit, so a
+// chunk leaves room for what a compression always keeps (sinks, window and
+// the last position): --batch when given and small enough (else an error that
+// says what fits), by default a quarter of the cache, at most 512.
+func prefillBatch(o generateOptions, prompt int, lim cacheLimits) (int, error) {
+	capacity := lim.Capacity
+	ctxNote := fmt.Sprintf("--ctx %d gives %d cells per sequence", o.Ctx, capacity)
+	if lim.Padding != "" {
+		ctxNote += " (" + lim.Padding + ")"
+	}
+	if o.BatchSet && o.Batch > capacity {
+		return 0, fmt.Errorf("--batch %d does not fit in the cache: %s; give --batch <= %d, or leave --batch out to have it chosen from the cache", o.Batch, ctxNote, capacity)
+	}
+	if prompt <= capacity {
+		if o.BatchSet {
+			return o.Batch, nil
+		}
+		return min(512, capacity), nil
+	}
+	if !o.Compress {
+		return 0, fmt.Errorf("the prompt has %d tokens but %s: raise --ctx, or compress (--keep < 1 or --budget) to feed it in chunks", prompt, ctxNote)
+	}
+	protected := o.Policy.Sinks + max(o.Policy.Window, 1)
+	most := capacity - protected
+	if most < 1 {
+		return 0, fmt.Errorf("the prompt has %d tokens but %s, and --sinks %d and --window %d (with the last position) protect all of them: nothing can be evicted to feed it in chunks", prompt, ctxNote, o.Policy.Sinks, o.Policy.Window)
+	}
+	if o.BatchSet {
+		if o.Batch > most {
+			return 0, fmt.Errorf("--batch %d cannot be fed into a full cache: the prompt (%d tokens) is longer than the cache (%s), and a compression keeps at least %d positions (sinks %d, window %d, the last), so a chunk holds at most %d; lower --batch or leave it out to have it chosen from the cache",
+				o.Batch, prompt, ctxNote, protected, o.Policy.Sinks, o.Policy.Window, most)
+		}
+		return o.Batch, nil
+	}
+	return max(1, min(512, capacity/4, most)), nil
 }
 
 func runtimeNames() []string {

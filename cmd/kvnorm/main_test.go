@@ -99,7 +99,7 @@ func TestSynthCommand(t *testing.T) {
 		want float32
 	}{{nil, 10000}, {[]string{"--rope-base", "500000"}, 500000}} {
 		args := append([]string{"synth", "--shape", "custom", "--layers", "2", "--heads", "4", "--kv-heads", "2",
-			"--head-dim", "8", "--embd", "32", "--ffn", "32", "--vocab", "64", "-o", out}, tc.args...)
+			"--head-dim", "8", "--embd", "32", "--ffn", "32", "--vocab", "512", "-o", out}, tc.args...)
 		code, _, errs = cli(t, args...)
 		require.Equal(t, 0, code, errs)
 		f, err := gguf.Open(out)
