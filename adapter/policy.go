@@ -295,7 +295,7 @@ func ParseLayers(s string) ([]int, error) {
 	var out []int
 	for _, f := range strings.Split(s, ",") {
 		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 0 {
+		if err != nil || n < 0 || n > MaxPositions {
 			return nil, fmt.Errorf("%w: skip layers %q: %q is not a layer index", ErrPolicy, s, f)
 		}
 		out = append(out, n)
