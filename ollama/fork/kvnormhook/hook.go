@@ -141,9 +141,9 @@ func PolicyFromEnv(getenv func(string) string) (*adapter.Policy, error) {
 	return &p, nil
 }
 
-// ServerModel is what the server knows of a model when NewLlamaServer loads
+// serverModel is what the server knows of a model when NewLlamaServer loads
 // it, before a runner starts.
-type ServerModel struct {
+type serverModel struct {
 	Arch string
 	// Layers is the model's block count; Context the cells each sequence
 	// gets (num_ctx, capped at the trained context); 0 when unknown.
@@ -185,7 +185,7 @@ var envOf = map[string]string{
 // says the Go engine runs it and kvnorm can replace its cache (nil error);
 // when it cannot, the model stays on llama.cpp, uncompressed, with a warning
 // saying why.
-func decideServer(p *adapter.Policy, m ServerModel, goEngine func() error) serverDecision {
+func decideServer(p *adapter.Policy, m serverModel, goEngine func() error) serverDecision {
 	var d serverDecision
 	if p == nil {
 		return d

@@ -115,7 +115,7 @@ func TestDecideServer(t *testing.T) {
 	}
 	runs := func() error { return nil }
 	cannot := func() error { return errors.New("architecture \"gemma2\" uses a *kvcache.WrapperCache") }
-	llama := ServerModel{Arch: "llama", Layers: 5, Context: 512}
+	llama := serverModel{Arch: "llama", Layers: 5, Context: 512}
 	goEngine := llama
 	goEngine.GoEngine = true
 	vision := llama
@@ -123,7 +123,7 @@ func TestDecideServer(t *testing.T) {
 	cases := []struct {
 		name   string
 		p      *adapter.Policy
-		m      ServerModel
+		m      serverModel
 		probe  func() error
 		route  bool
 		probed bool

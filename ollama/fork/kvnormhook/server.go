@@ -27,7 +27,7 @@ func CheckServer(tok tokenizer.Tokenizer, modelPath string, f *ggml.GGML, projec
 	if err != nil || p == nil {
 		return tok, err
 	}
-	m := ServerModel{Context: numCtx, Projectors: projectors, GoEngine: tok != nil}
+	m := serverModel{Context: numCtx, Projectors: projectors, GoEngine: tok != nil}
 	if f != nil {
 		kv := f.KV()
 		m.Arch, m.Layers = kv.Architecture(), int(kv.BlockCount())
