@@ -127,7 +127,7 @@ func runGenerate(args []string, stdout, stderr io.Writer) error {
 	pf := addPolicyFlags(fs, "per-token")
 	n := fs.Int("n", 64, "tokens to generate")
 	ctxLen := fs.Int("ctx", 2048, "context size in cells (llama.cpp pads to a multiple of 256)")
-	batch := fs.Int("batch", 512, "prefill batch size (chunk size when the prompt exceeds the context); default: the whole prompt up to 512 when it fits, else a quarter of the cache")
+	batch := fs.Int("batch", 512, "prefill batch, the chunk size when the prompt exceeds the context; when not given: up to 512 tokens if the prompt fits the cache, else a quarter of the cache")
 	threads := fs.Int("threads", 1, "CPU threads")
 	cacheType := fs.String("cache-type", "f16", "KV cache type: f16|q8_0|q4_0")
 	fa := fs.String("flash-attn", "on", "flash attention: on|off")
