@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/ollama/ollama/kvcache"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -94,4 +95,31 @@ func TestOpenChecksPolicyAgainstModel(t *testing.T) {
 	beyond.SkipLayers = []int{0, 1, 7}
 	s := open(t, Config{Policy: beyond, Context: 64})
 	assert.NotNil(t, s.Cache().Compressor())
+}
+
+// CheckCache needs no backend: the server asks it of the model Ollama's
+// text processor builds, before any runner starts.
+func TestCheckCache(t *testing.T) {
+	for _, tc := range []struct {
+		arch  string
+		cache kvcache.Cache
+		want  string // "" when kvnorm replaces it
+	}{
+		{"llama", kvcache.NewCausalCache(nil), ""},
+		{"qwen3", kvcache.NewCausalCache(nil), ""},
+		{"deepseek2", kvcache.NewCausalCache(nil), "latent vector"},
+		{"gemma2", kvcache.NewWrapperCache(kvcache.NewSWACache(4, nil), kvcache.NewCausalCache(nil)), "*kvcache.WrapperCache"},
+		{"lfm2", kvcache.NewRecurrentCache(kvcache.RecurrentConfig{}), "*kvcache.Recurrent"},
+		{"bert", nil, "has no KV cache"},
+	} {
+		t.Run(tc.arch, func(t *testing.T) {
+			err := CheckCache(tc.arch, tc.cache)
+			if tc.want == "" {
+				assert.NoError(t, err)
+				return
+			}
+			assert.ErrorIs(t, err, ErrUnsupportedModel)
+			assert.ErrorContains(t, err, tc.want)
+		})
+	}
 }
