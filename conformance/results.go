@@ -56,6 +56,7 @@ type Settings struct {
 	Keeps         []float64  `json:"keeps"`
 	BasePolicy    string     `json:"base_policy"`
 	Seed          uint64     `json:"seed"`
+	Bootstrap     int        `json:"bootstrap"`
 	Quick         bool       `json:"quick"`
 	Tolerances    Tolerances `json:"tolerances"`
 }
@@ -83,6 +84,9 @@ const (
 	VerdictPass = "pass"
 	VerdictFail = "FAIL"
 	VerdictNA   = "n/a"
+	// VerdictUncertain: the interval straddles the tolerance; more samples
+	// would be needed to tell.
+	VerdictUncertain = "uncertain"
 )
 
 // TaskResult is one task on one runtime.
@@ -120,8 +124,13 @@ type Row struct {
 	Status      string  `json:"status"`
 	Note        string  `json:"note,omitempty"`
 	Metrics     Metrics `json:"metrics,omitempty"`
-	Verdict     string  `json:"verdict,omitempty"`
-	Reason      string  `json:"reason,omitempty"`
+	// CI holds the bootstrap interval of each metric that has one.
+	CI map[string]Interval `json:"ci,omitempty"`
+	// Compare are paired comparisons of the task's main metric with the
+	// baseline and with knorm at the same granularity and keep.
+	Compare []Comparison `json:"compare,omitempty"`
+	Verdict string       `json:"verdict,omitempty"`
+	Reason  string       `json:"reason,omitempty"`
 	// Instances are the per-instance metrics, in Inputs order.
 	Instances []InstanceResult `json:"instances,omitempty"`
 }
@@ -135,27 +144,39 @@ type InstanceResult struct {
 }
 
 // AttentionResult is the attention analysis of one runtime: how the key norm
-// of a position relates to the attention it receives.
+// of a position relates to the attention it receives, on the uncompressed
+// model. Each sample is a prefill of Length tokens followed by Decode
+// teacher-forced continuation tokens.
 type AttentionResult struct {
-	Samples int              `json:"samples"`
-	Length  int              `json:"length"`
-	Layers  []LayerAttention `json:"layers"`
+	Samples int `json:"samples"`
+	Length  int `json:"length"`
+	Decode  int `json:"decode"`
+	// Layers is the decoding-phase measure, Devoto et al.'s: the attention
+	// the Decode queries after the prefill give to the prefill's keys.
+	Layers []LayerAttention `json:"layers"`
+	// Prompt is the prompt-internal measure: the attention each prefill key
+	// receives from the later prefill queries.
+	Prompt []LayerAttention `json:"prompt"`
 }
 
 // LayerAttention is the analysis of one layer.
 type LayerAttention struct {
 	Layer int `json:"layer"`
 	// Spearman is the mean over KV heads (and samples) of the rank
-	// correlation between a position's key norm and the mean attention it
-	// receives from later queries. Negative: low-norm keys get more.
-	Spearman     Num   `json:"spearman"`
-	HeadSpearman []Num `json:"head_spearman"`
-	// ShareLowHalf is the mean share of a query's attention that falls on
-	// the lowest-norm half of the keys it sees; ShareUniform is that share
-	// under uniform attention (just under 0.5 for odd key counts).
-	ShareLowHalf     Num   `json:"share_low_half"`
-	HeadShareLowHalf []Num `json:"head_share_low_half"`
-	ShareUniform     Num   `json:"share_uniform"`
+	// correlation between a key's L2 norm and the mean attention it
+	// receives from the queries counted. Negative: low-norm keys get more.
+	// SpearmanCI is its bootstrap interval over samples.
+	Spearman     Num      `json:"spearman"`
+	SpearmanCI   Interval `json:"spearman_ci"`
+	HeadSpearman []Num    `json:"head_spearman"`
+	// ShareLowHalf is the mean share of a query's attention (among the keys
+	// counted) that falls on the lowest-norm half of those keys;
+	// ShareUniform is that share under uniform attention (just under 0.5
+	// for odd key counts).
+	ShareLowHalf     Num      `json:"share_low_half"`
+	ShareLowHalfCI   Interval `json:"share_low_half_ci"`
+	HeadShareLowHalf []Num    `json:"head_share_low_half"`
+	ShareUniform     Num      `json:"share_uniform"`
 }
 
 // Row returns the row of a task for a policy, granularity and keep, or nil.

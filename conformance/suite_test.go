@@ -6,6 +6,7 @@ import (
 	"image/png"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -32,8 +33,10 @@ func config(t *testing.T) conformance.Config {
 		Keeps:         []float64{1, 0.5},
 		Base:          adapter.DefaultPolicy(),
 		Quick:         true,
-		Seed:          1,
-		Tolerances:    conformance.DefaultTolerances(),
+		// Two samples keep the suite's tests CI-sized.
+		Overrides:  conformance.SizeOverrides{Samples: 2},
+		Seed:       1,
+		Tolerances: conformance.DefaultTolerances(),
 	}
 }
 
@@ -98,7 +101,7 @@ func TestQuickRunWritesOutputs(t *testing.T) {
 	for _, want := range []string{"# kvnorm conformance report", "### lm", "| knorm | per-head |", "### passkey", "### attention", "ρ mean", "reference-lm.png"} {
 		assert.Contains(t, string(md), want)
 	}
-	for _, task := range conformance.AllTasks {
+	for _, task := range append(conformance.AllTasks, "attention-heatmap") {
 		f, err := os.Open(filepath.Join(dir, "reference-"+task+".png"))
 		require.NoError(t, err, task)
 		img, err := png.Decode(f)
@@ -110,10 +113,26 @@ func TestQuickRunWritesOutputs(t *testing.T) {
 	att := rr.Task(conformance.TaskAttention).Attention
 	require.NotNil(t, att)
 	require.Len(t, att.Layers, 5)
-	for _, l := range att.Layers {
+	require.Len(t, att.Prompt, 5)
+	for _, l := range append(slices.Clone(att.Layers), att.Prompt...) {
 		assert.Len(t, l.HeadSpearman, 4)
 		assert.InDelta(t, 0, float64(l.Spearman), 1, "a correlation")
 		assert.InDelta(t, 0.5, float64(l.ShareLowHalf), 0.5, "a share")
+		assert.True(t, l.SpearmanCI.Contains(float64(l.Spearman)), "layer %d: ρ %v outside its interval %v", l.Layer, l.Spearman, l.SpearmanCI)
+	}
+	// Every compressed row carries intervals and paired comparisons.
+	lm := rr.Task(conformance.TaskLM)
+	r := lm.Row("random", "per-head", 0.5)
+	require.NotNil(t, r)
+	for _, m := range []string{"ppl", "kl", "top1", "ppl_increase"} {
+		assert.True(t, r.CI[m].Valid(), m)
+	}
+	assert.True(t, r.CI["ppl"].Contains(float64(r.Metrics["ppl"])))
+	require.Len(t, r.Compare, 2)
+	assert.Equal(t, "baseline", r.Compare[0].Against)
+	assert.Equal(t, "knorm", r.Compare[1].Against)
+	for _, want := range []string{"Paired comparisons", "Decoding phase", "Prompt-internal", "reference-attention-heatmap.png"} {
+		assert.Contains(t, string(md), want)
 	}
 }
 
@@ -156,8 +175,8 @@ func TestRunsAreRepeatable(t *testing.T) {
 	cfg := config(t)
 	cfg.Methods = []adapter.Method{adapter.Random, adapter.KNorm}
 	cfg.Keeps = []float64{0.3}
-	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 64, LMScore: 16, LMSamples: 2, Lengths: []int{128}, Depths: []float64{0.5}, Seeds: 1,
-		GreedyPrompt: 32, GreedyTokens: 8, GreedySamples: 2, AttentionLength: 64, AttentionSamples: 1}
+	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 64, LMScore: 16, LMSamples: 2, Lengths: []int{192}, Depths: []float64{0.5}, Seeds: 1,
+		GreedyPrompt: 32, GreedyTokens: 8, GreedySamples: 2, AttentionLength: 64, AttentionScore: 16, AttentionSamples: 1}
 	var js [2][]byte
 	for i := range js {
 		res, err := conformance.Run(context.Background(), cfg)
@@ -207,7 +226,7 @@ func TestUnsupportedGranularityIsNA(t *testing.T) {
 	cfg.Methods = []adapter.Method{adapter.KNorm}
 	cfg.Keeps = []float64{0.5}
 	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 32, LMScore: 8, LMSamples: 1, Seeds: 1,
-		GreedyPrompt: 8, GreedyTokens: 4, GreedySamples: 1, AttentionLength: 16, AttentionSamples: 1}
+		GreedyPrompt: 8, GreedyTokens: 4, GreedySamples: 1, AttentionLength: 16, AttentionScore: 8, AttentionSamples: 1}
 	var log strings.Builder
 	cfg.Progress = &log
 	res, err := conformance.Run(context.Background(), cfg)
@@ -238,7 +257,7 @@ func TestUserText(t *testing.T) {
 	cfg.Text = strings.Repeat("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. ", 20)
 	cfg.TextName = "story.txt"
 	cfg.Sizes = &conformance.Sizes{Context: 512, LMPrefill: 48, LMScore: 16, LMSamples: 2, Lengths: []int{120}, Depths: []float64{0.5}, Seeds: 1,
-		GreedyPrompt: 8, GreedyTokens: 4, GreedySamples: 1, AttentionLength: 16, AttentionSamples: 1}
+		GreedyPrompt: 8, GreedyTokens: 4, GreedySamples: 1, AttentionLength: 16, AttentionScore: 8, AttentionSamples: 1}
 	res, err := conformance.Run(context.Background(), cfg)
 	require.NoError(t, err)
 	assert.Equal(t, "story.txt", res.Settings.Text)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"sort"
+	"strconv"
 	"strings"
 
 	"golang.org/x/term"
@@ -61,7 +62,14 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	keeps := fs.String("keep", "1,0.9,0.75,0.5,0.3,0.1", "keep ratios to sweep")
 	tasks := fs.String("tasks", strings.Join(conformance.AllTasks, ","), "tasks: "+strings.Join(conformance.AllTasks, ",")+" or all")
 	textFile := fs.String("text", "", "text file for lm, needle, greedy and attention (default: text sampled from the model)")
-	quick := fs.Bool("quick", false, "small sizes: a few samples, one passkey/needle length")
+	quick := fs.Bool("quick", false, "small sizes: 4 samples, short prompts, one passkey/needle length")
+	samples := fs.Int("samples", 0, "text samples of lm, greedy and attention (0: 16, or 4 with --quick)")
+	prefill := fs.Int("prefill", 0, "prompt tokens of lm, greedy and attention (0: half the context for lm and attention, a quarter for greedy; half that with --quick)")
+	scoreN := fs.Int("score", 0, "tokens after the prompt: lm scored, greedy generated, attention decoded (0: a quarter of the context for lm and attention, an eighth for greedy; half that with --quick)")
+	lengths := fs.String("lengths", "", "passkey/needle prompt lengths in tokens, comma-separated (default: 1/2, 3/4, 7/8 of the context)")
+	depths := fs.String("depths", "", "passkey/needle depths in [0,1], comma-separated (default: 0,0.25,0.5,0.75,1)")
+	seeds := fs.Int("seeds", 0, "passkey/needle prompts per length and depth (0: 2, or 1 with --quick)")
+	bootstrap := fs.Int("bootstrap", conformance.DefaultBootstrap, "bootstrap resamples behind every interval")
 	out := fs.String("out", "conformance-out", "directory for results.json, report.md and the plots")
 	asJSON := fs.Bool("json", false, "print results.json to stdout instead of the summary")
 	seed := fs.Uint64("seed", 1, "seed of sampling, pass keys, needles and the random policy")
@@ -83,8 +91,12 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	if *model == "" {
 		return errors.New("--model is required")
 	}
-	cfg := conformance.Config{Model: *model, Tokenizer: *tok, Context: *ctxLen, Threads: *threads, Quick: *quick, Seed: *seed}
+	cfg := conformance.Config{Model: *model, Tokenizer: *tok, Context: *ctxLen, Threads: *threads, Quick: *quick, Seed: *seed,
+		Bootstrap: *bootstrap}
 	var err error
+	if cfg.Overrides, err = sizeOverrides(*samples, *prefill, *scoreN, *seeds, *lengths, *depths); err != nil {
+		return err
+	}
 	if cfg.Runtimes, err = selectRuntimes(*rt); err != nil {
 		return err
 	}
@@ -183,6 +195,35 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+// sizeOverrides checks the size flags (0 or empty: the default).
+func sizeOverrides(samples, prefill, score, seeds int, lengths, depths string) (conformance.SizeOverrides, error) {
+	o := conformance.SizeOverrides{Samples: samples, Prefill: prefill, Score: score, Seeds: seeds}
+	for name, v := range map[string]int{"--samples": samples, "--prefill": prefill, "--score": score, "--seeds": seeds} {
+		if v < 0 {
+			return o, fmt.Errorf("%s %d: want a count >= 0 (0: the default)", name, v)
+		}
+	}
+	if lengths != "" {
+		for _, f := range strings.Split(lengths, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n <= 0 {
+				return o, fmt.Errorf("--lengths %q: want positive token counts, comma-separated", f)
+			}
+			o.Lengths = append(o.Lengths, n)
+		}
+	}
+	if depths != "" {
+		for _, f := range strings.Split(depths, ",") {
+			d, err := conformance.ParseFraction(f)
+			if err != nil || d < 0 || d > 1 {
+				return o, fmt.Errorf("--depths %q: want fractions in [0, 1], comma-separated", f)
+			}
+			o.Depths = append(o.Depths, d)
+		}
+	}
+	return o, nil
+}
+
 // selectRuntimes resolves --runtime: a comma-separated list, or all.
 func selectRuntimes(s string) ([]conformance.Runtime, error) {
 	names := engineNames()
@@ -222,13 +263,25 @@ func printSummary(w io.Writer, res *conformance.Results) {
 			case tr.Status != conformance.StatusOK:
 				fmt.Fprintf(w, "%s: %s\n", tr.Status, tr.Note)
 			case tr.Attention != nil:
-				fmt.Fprintln(w, "layer  spearman(norm, attention received)  low-norm-half share (uniform)")
-				for _, l := range tr.Attention.Layers {
-					fmt.Fprintf(w, "%5d  %+.3f  %.3f (%.3f)\n", l.Layer, float64(l.Spearman), float64(l.ShareLowHalf), float64(l.ShareUniform))
+				a := tr.Attention
+				fmt.Fprintf(w, "%d samples: %d prefill + %d decoded tokens; 95%% bootstrap intervals over samples\n", a.Samples, a.Length, a.Decode)
+				for _, m := range []struct {
+					name   string
+					layers []conformance.LayerAttention
+				}{{"decoding phase (continuation queries -> prefill keys, the paper's measure)", a.Layers}, {"prompt-internal (later prompt queries -> prompt keys)", a.Prompt}} {
+					fmt.Fprintf(w, "%s\nlayer  spearman(norm, attention received)   low-norm-half share (uniform)\n", m.name)
+					for _, l := range m.layers {
+						fmt.Fprintf(w, "%5d  %+.3f [%+.3f, %+.3f]           %.3f [%.3f, %.3f] (%.3f)\n", l.Layer,
+							float64(l.Spearman), float64(l.SpearmanCI.Lo), float64(l.SpearmanCI.Hi),
+							float64(l.ShareLowHalf), float64(l.ShareLowHalfCI.Lo), float64(l.ShareLowHalfCI.Hi), float64(l.ShareUniform))
+					}
 				}
 			default:
 				conformance.WriteSummary(w, tr)
+				fmt.Fprintln(w)
+				conformance.WriteComparisons(w, tr)
 			}
+			fmt.Fprintf(w, "(%s: %.1f s)\n", tr.Task, tr.Seconds)
 		}
 		fmt.Fprintln(w)
 	}
