@@ -239,7 +239,7 @@ func attentionPlot(runtime string, a *AttentionResult) (*plot.Plot, error) {
 	zero.Color = color.Gray{Y: 110}
 	p.Add(zero)
 	p.Legend.TextStyle.Font.Size = vg.Points(8)
-	p.Legend.Top = true
+	p.Legend.Top, p.Legend.Left = true, true
 	p.NominalX(layerNames(len(a.Layers))...)
 	return p, nil
 }

@@ -65,6 +65,8 @@ type Settings struct {
 type RuntimeResult struct {
 	Runtime string            `json:"runtime"`
 	Info    *hooks.EngineInfo `json:"info,omitempty"`
+	// Shape is the runtime's cache shape (what one entry costs).
+	Shape *hooks.CacheShape `json:"shape,omitempty"`
 	// Error is set when the runtime could not be opened or failed as a whole.
 	Error   string       `json:"error,omitempty"`
 	Sizes   *Sizes       `json:"sizes,omitempty"`

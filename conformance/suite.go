@@ -107,6 +107,8 @@ func runRuntime(ctx context.Context, cfg *Config, rt Runtime) (rr RuntimeResult)
 	defer eng.Close()
 	info := eng.Info()
 	rr.Info = &info
+	shape := eng.CacheShape()
+	rr.Shape = &shape
 	sizes := cfg.Overrides.Apply(DefaultSizes(info.Context, cfg.Quick))
 	if cfg.Sizes != nil {
 		sizes = *cfg.Sizes
@@ -750,6 +752,14 @@ func (r *runner) runSweep(task string) TaskResult {
 			row.Instances = append(row.Instances, score(task, in, bout, out))
 		}
 	}
+	tr.Rows = finishRows(task, base, rows, r.cfg.Tolerances, r.cfg.Bootstrap, mix(r.cfg.Seed, strHash(task), 0xc1))
+	return tr
+}
+
+// finishRows aggregates the baseline and every row over their instances,
+// adds bootstrap intervals and paired comparisons (one seeded resampler for
+// the task), judges every row and returns the baseline first.
+func finishRows(task string, base Row, rows []Row, tol Tolerances, bootstrap int, seed uint64) []Row {
 	base.Metrics = aggregate(task, base.Instances)
 	if task == TaskLM {
 		base.Metrics["ppl_increase"] = 0
@@ -760,11 +770,10 @@ func (r *runner) runSweep(task string) TaskResult {
 		}
 	}
 	all := append([]Row{base}, rows...)
-	rs := newResampler(len(base.Instances), r.cfg.Bootstrap, mix(r.cfg.Seed, strHash(task), 0xc1))
+	rs := newResampler(len(base.Instances), bootstrap, seed)
 	addIntervals(task, all, &all[0], rs)
 	for i := range all[1:] {
-		judge(task, &all[1+i], &all[0], r.cfg.Tolerances, rs)
+		judge(task, &all[1+i], &all[0], tol, rs)
 	}
-	tr.Rows = all
-	return tr
+	return all
 }

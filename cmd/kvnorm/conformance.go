@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -75,9 +78,11 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	seed := fs.Uint64("seed", 1, "seed of sampling, pass keys, needles and the random policy")
 	ctxLen := fs.Int("ctx", 0, "context size in cells (0: the runtime's default)")
 	threads := fs.Int("threads", 0, "CPU threads for the runtime (0: its default)")
-	skip := fs.String("skip-layers", "0,1", "layers that keep every key (comma list or none)")
-	sinks := fs.Int("sinks", 0, "first positions always kept")
-	window := fs.Int("window", 0, "last positions always kept")
+	skip := fs.String("skip-layers", "0,1", "layers that keep every key (comma list or none; with --recommend, alternatives separated by ';', e.g. '0,1;none')")
+	sinks := fs.String("sinks", "0", "first positions always kept (with --recommend, a comma list of values to try)")
+	window := fs.String("window", "0", "last positions always kept (with --recommend, a comma list of values to try)")
+	recommend := fs.Bool("recommend", false, "search the sweep (and the --skip-layers/--sinks/--window alternatives) for the most compressing policy whose intervals stay within every tolerance; print it as OLLAMA_KV_NORM_* lines and a Go adapter.Policy")
+	targetCtx := fs.Int("target-ctx", 0, "context length for --recommend's KV memory figure (0: the runtime's context)")
 	aggregate := fs.String("aggregate", "mean-rank", "per-token score from per-head norms: mean-rank|mean-norm|min-norm|max-norm")
 	maxPPL := fs.String("max-ppl-increase", "1%", "largest perplexity increase over the baseline (1% or 0.01)")
 	maxKL := fs.Float64("max-kl", 0, "largest mean KL(baseline‖compressed) in nats/token (0: not checked)")
@@ -112,14 +117,33 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	if cfg.Tasks, err = conformance.ParseTasks(*tasks); err != nil {
 		return fmt.Errorf("--tasks: %w", err)
 	}
+	if *recommend {
+		// Unless asked otherwise, recommend knorm (the method kvnorm is
+		// for) and judge it on the tasks that have tolerances.
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		if !set["policies"] {
+			cfg.Methods = []adapter.Method{adapter.KNorm}
+		}
+		if !set["tasks"] {
+			cfg.Tasks = slices.DeleteFunc(cfg.Tasks, func(t string) bool { return t == conformance.TaskAttention })
+		}
+	}
 	cfg.Base = adapter.DefaultPolicy()
-	if cfg.Base.SkipLayers, err = adapter.ParseLayers(*skip); err != nil {
+	bases, err := basePolicies(*skip, *sinks, *window, *recommend)
+	if err != nil {
 		return err
+	}
+	if *targetCtx < 0 {
+		return fmt.Errorf("--target-ctx %d: want a context length >= 0", *targetCtx)
 	}
 	if cfg.Base.Aggregate, err = adapter.ParseAggregation(*aggregate); err != nil {
 		return err
 	}
-	cfg.Base.Sinks, cfg.Base.Window = *sinks, *window
+	for i := range bases {
+		bases[i].Aggregate = cfg.Base.Aggregate
+	}
+	cfg.Base = bases[0]
 	tol := conformance.DefaultTolerances()
 	for _, f := range []struct {
 		name, val string
@@ -150,6 +174,9 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
+	if *recommend {
+		return runRecommend(ctx, cfg, bases, *targetCtx, *out, stdout)
+	}
 	res, runErr := conformance.Run(ctx, cfg)
 	if res == nil {
 		return runErr
@@ -191,6 +218,83 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	}
 	if *strict && failed > 0 {
 		return fmt.Errorf("%d rows outside the tolerances (see %s/report.md)", failed, *out)
+	}
+	return nil
+}
+
+// basePolicies returns the base policies: one, or with --recommend every
+// combination of the skip-layers, sinks and window alternatives.
+func basePolicies(skip, sinks, window string, recommend bool) ([]adapter.Policy, error) {
+	var skips [][]int
+	for _, alt := range strings.Split(skip, ";") {
+		l, err := adapter.ParseLayers(strings.TrimSpace(alt))
+		if err != nil {
+			return nil, fmt.Errorf("--skip-layers: %w", err)
+		}
+		skips = append(skips, l)
+	}
+	ints := func(name, v string) ([]int, error) {
+		var out []int
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || n < 0 {
+				return nil, fmt.Errorf("%s %q: want counts >= 0", name, f)
+			}
+			out = append(out, n)
+		}
+		return out, nil
+	}
+	ss, err := ints("--sinks", sinks)
+	if err != nil {
+		return nil, err
+	}
+	ws, err := ints("--window", window)
+	if err != nil {
+		return nil, err
+	}
+	if !recommend && (len(skips) > 1 || len(ss) > 1 || len(ws) > 1) {
+		return nil, errors.New("--skip-layers, --sinks and --window take one value unless --recommend is set")
+	}
+	var out []adapter.Policy
+	for _, sk := range skips {
+		for _, s := range ss {
+			for _, w := range ws {
+				p := adapter.DefaultPolicy()
+				p.SkipLayers, p.Sinks, p.Window = sk, s, w
+				out = append(out, p)
+			}
+		}
+	}
+	return out, nil
+}
+
+// runRecommend runs the sweep once per base policy and prints, per runtime,
+// the recommendation; the results of the first base go to out.
+func runRecommend(ctx context.Context, cfg conformance.Config, bases []adapter.Policy, targetCtx int, out string, stdout io.Writer) error {
+	recs, all, err := conformance.Recommend(ctx, cfg, bases, targetCtx)
+	for i, res := range all {
+		dir := out
+		if len(all) > 1 {
+			dir = filepath.Join(out, fmt.Sprintf("base%d", i))
+		}
+		if _, werr := conformance.Write(dir, res); werr != nil && err == nil {
+			err = werr
+		}
+	}
+	if err != nil {
+		return err
+	}
+	found := 0
+	for _, r := range recs {
+		conformance.WriteRecommendation(stdout, r, cfg.Tolerances)
+		fmt.Fprintln(stdout)
+		if r.Found {
+			found++
+		}
+	}
+	fmt.Fprintf(stdout, "results of every run: %s\n", out)
+	if found == 0 {
+		return errors.New("no runtime has a compressed policy within the tolerances")
 	}
 	return nil
 }
