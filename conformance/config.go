@@ -57,6 +57,11 @@ type Config struct {
 	// Overrides set some sizes on top of DefaultSizes (the CLI's --samples,
 	// --prefill, --score, --lengths, --depths, --seeds).
 	Overrides SizeOverrides
+	// Chunked adds, to the lm and greedy tasks, knorm compressed under
+	// pressure: the prompt decoded into a cache of keep × prompt + the
+	// tokens that follow it (one more engine opened per keep ratio), against
+	// the same policy once after prefill.
+	Chunked bool
 	// Bootstrap is the number of bootstrap resamples behind every interval
 	// (0: DefaultBootstrap).
 	Bootstrap int

@@ -77,8 +77,8 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 	type key struct{ policy, gran string }
 	var keys []key
 	for _, r := range tr.Rows {
-		if !r.Baseline && r.Status == StatusOK && !slices.Contains(keys, key{r.Policy, r.Granularity}) {
-			keys = append(keys, key{r.Policy, r.Granularity})
+		if !r.Baseline && r.Status == StatusOK && !slices.Contains(keys, key{r.Label(), r.Granularity}) {
+			keys = append(keys, key{r.Label(), r.Granularity})
 		}
 	}
 	if len(keys) == 0 {
@@ -97,7 +97,7 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 			errs errPoints
 		)
 		for _, r := range tr.Rows {
-			if r.Baseline || r.Policy != k.policy || r.Granularity != k.gran || r.Status != StatusOK {
+			if r.Baseline || r.Label() != k.policy || r.Granularity != k.gran || r.Status != StatusOK {
 				continue
 			}
 			v := float64(r.Metrics[metric])

@@ -158,7 +158,7 @@ func candidates(rr *RuntimeResult, base adapter.Policy) []Candidate {
 			continue
 		}
 		for _, r := range tr.Rows {
-			if r.Baseline {
+			if r.Baseline || r.Mode != "" {
 				continue
 			}
 			k := key{r.Policy, r.Granularity, r.Keep}

@@ -152,7 +152,7 @@ func WriteSummary(w io.Writer, tr *TaskResult) {
 		if !slices.Contains(keeps, r.Keep) {
 			keeps = append(keeps, r.Keep)
 		}
-		if s := (series{r.Policy, r.Granularity}); !slices.Contains(ss, s) {
+		if s := (series{r.Label(), r.Granularity}); !slices.Contains(ss, s) {
 			ss = append(ss, s)
 		}
 	}
@@ -168,7 +168,7 @@ func WriteSummary(w io.Writer, tr *TaskResult) {
 	for _, s := range ss {
 		fmt.Fprintf(w, "| %s | %s |", s.policy, s.gran)
 		for _, k := range keeps {
-			r := tr.Row(s.policy, s.gran, k)
+			r := tr.labelRow(s.policy, s.gran, k)
 			switch {
 			case r == nil:
 				fmt.Fprint(w, " |")
@@ -213,12 +213,15 @@ func WriteComparisons(w io.Writer, tr *TaskResult) {
 		if r.Baseline || r.Status != StatusOK || r.Keep == 1 {
 			continue
 		}
-		line := fmt.Sprintf("| %s | %s | %g |", r.Policy, r.Granularity, r.Keep)
+		line := fmt.Sprintf("| %s | %s | %g |", r.Label(), r.Granularity, r.Keep)
 		cells := map[string]string{}
 		for _, c := range r.Compare {
 			against := "knorm"
 			if c.Against == "baseline" {
 				against = "baseline"
+			}
+			if strings.HasSuffix(c.Against, " after prefill") {
+				against = "knorm"
 			}
 			cells[against] = fmtDelta(tr.Task, c)
 		}
@@ -229,7 +232,7 @@ func WriteComparisons(w io.Writer, tr *TaskResult) {
 		return
 	}
 	fmt.Fprintf(w, "Paired comparisons (%s = row − other on the same instances, %g%% paired bootstrap interval; "+
-		"\"not distinguishable\": the interval contains 0):\n\n| policy | granularity | keep | %s vs baseline | %s vs knorm |\n|---|---|---|---|---|\n",
+		"\"not distinguishable\": the interval contains 0):\n\n| policy | granularity | keep | %s vs baseline | %s vs knorm (chunked rows: vs knorm once after prefill) |\n|---|---|---|---|---|\n",
 		delta, 100*CILevel, delta, delta)
 	for _, l := range lines {
 		fmt.Fprintln(w, l)
@@ -265,10 +268,13 @@ func writeDetails(w io.Writer, tr *TaskResult) {
 		cols = []string{"match_rate", "first_divergence"}
 	}
 	cols = append(cols, "identical", "kept_entries", "kept_positions")
+	if slices.ContainsFunc(tr.Rows, func(r Row) bool { return r.Mode != "" }) {
+		cols = append(cols, chunkedMetrics...)
+	}
 	fmt.Fprintf(w, "<details><summary>every row</summary>\n\n| policy | granularity | keep | %s | verdict | note |\n|---|---|---|%s---|---|\n",
 		strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
 	for _, r := range tr.Rows {
-		fmt.Fprintf(w, "| %s | %s | %g |", r.Policy, r.Granularity, r.Keep)
+		fmt.Fprintf(w, "| %s | %s | %g |", r.Label(), r.Granularity, r.Keep)
 		for _, c := range cols {
 			if r.Status != StatusOK {
 				fmt.Fprint(w, " |")

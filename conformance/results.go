@@ -123,9 +123,13 @@ type Row struct {
 	Policy      string  `json:"policy"`
 	Granularity string  `json:"granularity"`
 	Keep        float64 `json:"keep"`
-	Status      string  `json:"status"`
-	Note        string  `json:"note,omitempty"`
-	Metrics     Metrics `json:"metrics,omitempty"`
+	// Mode is "" for compression once after prefill, ModeChunked for
+	// compression under pressure while the prompt is decoded into a cache
+	// smaller than it.
+	Mode    string  `json:"mode,omitempty"`
+	Status  string  `json:"status"`
+	Note    string  `json:"note,omitempty"`
+	Metrics Metrics `json:"metrics,omitempty"`
 	// CI holds the bootstrap interval of each metric that has one.
 	CI map[string]Interval `json:"ci,omitempty"`
 	// Compare are paired comparisons of the task's main metric with the
@@ -181,11 +185,41 @@ type LayerAttention struct {
 	ShareUniform     Num      `json:"share_uniform"`
 }
 
-// Row returns the row of a task for a policy, granularity and keep, or nil.
+// ModeChunked marks rows compressed under pressure (see Row.Mode).
+const ModeChunked = "chunked"
+
+// Label is the row's policy as the tables show it ("knorm chunked" for a
+// chunked row).
+func (r *Row) Label() string {
+	if r.Mode != "" {
+		return r.Policy + " " + r.Mode
+	}
+	return r.Policy
+}
+
+// Row returns the row of a task compressed after prefill for a policy,
+// granularity and keep, or nil.
 func (t *TaskResult) Row(policy, granularity string, keep float64) *Row {
+	return t.ModeRow("", policy, granularity, keep)
+}
+
+// ModeRow returns the row of a task for a mode, policy, granularity and
+// keep, or nil.
+func (t *TaskResult) ModeRow(mode, policy, granularity string, keep float64) *Row {
 	for i := range t.Rows {
 		r := &t.Rows[i]
-		if r.Policy == policy && r.Granularity == granularity && r.Keep == keep {
+		if r.Mode == mode && r.Policy == policy && r.Granularity == granularity && r.Keep == keep {
+			return r
+		}
+	}
+	return nil
+}
+
+// labelRow returns the row whose Label is label, or nil.
+func (t *TaskResult) labelRow(label, granularity string, keep float64) *Row {
+	for i := range t.Rows {
+		r := &t.Rows[i]
+		if !r.Baseline && r.Label() == label && r.Granularity == granularity && r.Keep == keep {
 			return r
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"time"
 
 	"github.com/kvnorm/kvnorm/adapter"
@@ -79,6 +80,7 @@ func (c *Config) variants() []variant {
 type runner struct {
 	ctx   context.Context
 	cfg   *Config
+	rt    Runtime
 	name  string
 	eng   hooks.Engine
 	sizes Sizes
@@ -122,7 +124,7 @@ func runRuntime(ctx context.Context, cfg *Config, rt Runtime) (rr RuntimeResult)
 		return rr
 	}
 	rr.Sizes = &sizes
-	r := &runner{ctx: ctx, cfg: cfg, name: rt.Name, eng: eng, sizes: sizes}
+	r := &runner{ctx: ctx, cfg: cfg, rt: rt, name: rt.Name, eng: eng, sizes: sizes}
 	r.prog = newProgress(cfg.Progress, cfg.Terminal, rt.Name, r.estimate())
 	defer r.prog.finish()
 	if r.corp, err = newCorpus(eng, cfg.Seed, r.corpusLength(), cfg.Text); err != nil {
@@ -196,16 +198,24 @@ func (r *runner) estimate() float64 {
 	if r.cfg.Text == "" {
 		total += float64(r.samplesNeeded() * r.corpusLength())
 	}
+	chunked := 0.0
+	if r.cfg.Chunked && slices.Contains(r.cfg.Methods, adapter.KNorm) {
+		for _, k := range r.cfg.Keeps {
+			if k < 1 {
+				chunked += float64(len(r.cfg.Granularities))
+			}
+		}
+	}
 	for _, t := range r.cfg.Tasks {
 		switch t {
 		case TaskLM:
-			total += runs * float64(s.LMSamples*(s.LMPrefill+s.LMScore))
+			total += (runs + chunked) * float64(s.LMSamples*(s.LMPrefill+s.LMScore))
 		case TaskPasskey, TaskNeedle:
 			for _, l := range s.Lengths {
 				total += runs * float64(len(s.Depths)*s.Seeds*(l+8))
 			}
 		case TaskGreedy:
-			total += runs * float64(s.GreedySamples*(s.GreedyPrompt+s.GreedyTokens))
+			total += (runs + chunked) * float64(s.GreedySamples*(s.GreedyPrompt+s.GreedyTokens))
 		case TaskAttention:
 			total += float64(s.AttentionSamples * (s.AttentionLength + s.AttentionScore))
 		}
@@ -341,7 +351,13 @@ func (r *runner) retrieval(task string, length int, depth float64, seed, idx int
 // run runs one instance, compressed by pol after prefill (nil: baseline, no
 // compressor attached at all).
 func (r *runner) run(in *instance, pol *adapter.Policy) (*output, error) {
-	e := r.eng
+	return r.runOn(r.eng, in, pol, false)
+}
+
+// runOn runs one instance on engine e. chunked: the engine's cache is
+// smaller than the prompt and pol compresses under pressure; what is kept is
+// measured once the prompt is in.
+func (r *runner) runOn(e hooks.Engine, in *instance, pol *adapter.Policy, chunked bool) (*output, error) {
 	e.SetObserver(nil)
 	if err := e.RemoveSequence(runSeq); err != nil {
 		return nil, err
@@ -370,6 +386,16 @@ func (r *runner) run(in *instance, pol *adapter.Policy) (*output, error) {
 	}
 	if len(rows) == 0 {
 		return nil, errors.New("prefill returned no logits")
+	}
+	if chunked {
+		pos, ent, err := e.Live(runSeq)
+		if err != nil {
+			return nil, err
+		}
+		sh := e.CacheShape()
+		n := float64(len(in.prompt))
+		out.kept["kept_positions"] = Num(float64(pos) / n)
+		out.kept["kept_entries"] = Num(float64(ent) / (n * float64(sh.Layers*sh.KVHeads)))
 	}
 	last := rows[len(rows)-1]
 	if in.cont != nil {
@@ -474,6 +500,11 @@ func aggregate(task string, insts []InstanceResult) Metrics {
 		return Num(meanFinite(v))
 	}
 	m := Metrics{"kept_entries": mean("kept_entries"), "kept_positions": mean("kept_positions"), "identical": mean("identical")}
+	if len(insts) > 0 {
+		if _, ok := insts[0].Metrics["cache_fraction"]; ok {
+			m["cache_fraction"] = mean("cache_fraction")
+		}
+	}
 	switch task {
 	case TaskLM:
 		m["loss"] = mean("loss")
@@ -535,6 +566,9 @@ func ciMetrics(task string) []string {
 	return nil
 }
 
+// chunkedMetrics are the extra metrics of chunked rows.
+var chunkedMetrics = []string{"cache_fraction"}
+
 // values returns a row's per-instance values of an instance metric.
 func (r *Row) values(key string) []float64 {
 	v := make([]float64, len(r.Instances))
@@ -567,7 +601,7 @@ func addIntervals(task string, rows []Row, base *Row, rs *resampler) {
 	ok := func(r *Row) bool { return r != nil && r.Status == StatusOK && len(r.Instances) == n && n > 0 }
 	find := func(policy, gran string, keep float64) *Row {
 		for i := range rows {
-			if r := &rows[i]; !r.Baseline && r.Policy == policy && r.Granularity == gran && r.Keep == keep {
+			if r := &rows[i]; !r.Baseline && r.Mode == "" && r.Policy == policy && r.Granularity == gran && r.Keep == keep {
 				return r
 			}
 		}
@@ -593,8 +627,12 @@ func addIntervals(task string, rows []Row, base *Row, rs *resampler) {
 			_, r.CI["ppl_increase"], _ = rs.pairedDiff(r.values("loss"), base.values("loss"), true)
 		}
 		r.Compare = append(r.Compare, compareMain(task, rs, r, base, "baseline"))
-		if kn := find(adapter.KNorm.String(), r.Granularity, r.Keep); r.Policy != kn.policyName() && ok(kn) {
-			r.Compare = append(r.Compare, compareMain(task, rs, r, kn, kn.Policy))
+		if kn := find(adapter.KNorm.String(), r.Granularity, r.Keep); (r.Mode != "" || r.Policy != kn.policyName()) && ok(kn) {
+			against := kn.Policy
+			if r.Mode != "" {
+				against = kn.Policy + " after prefill"
+			}
+			r.Compare = append(r.Compare, compareMain(task, rs, r, kn, against))
 		}
 	}
 }
@@ -720,6 +758,8 @@ func (r *runner) runSweep(task string) TaskResult {
 		}
 		pols[i] = &p
 	}
+	ch := r.chunkedVariants(task)
+	defer ch.close()
 	for ii := range insts {
 		in := &insts[ii]
 		if r.ctx.Err() != nil {
@@ -751,7 +791,9 @@ func (r *runner) runSweep(task string) TaskResult {
 			}
 			row.Instances = append(row.Instances, score(task, in, bout, out))
 		}
+		ch.run(r, task, ii, in, bout, label)
 	}
+	rows = append(rows, ch.rows...)
 	tr.Rows = finishRows(task, base, rows, r.cfg.Tolerances, r.cfg.Bootstrap, mix(r.cfg.Seed, strHash(task), 0xc1))
 	return tr
 }

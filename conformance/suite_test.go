@@ -34,7 +34,8 @@ func config(t *testing.T) conformance.Config {
 		Base:          adapter.DefaultPolicy(),
 		Quick:         true,
 		// Two samples keep the suite's tests CI-sized.
-		Overrides:  conformance.SizeOverrides{Samples: 2},
+		Overrides:  conformance.SizeOverrides{Samples: 2, Prefill: 128, Score: 32},
+		Chunked:    true,
 		Seed:       1,
 		Tolerances: conformance.DefaultTolerances(),
 	}
@@ -85,8 +86,13 @@ func TestQuickRunWritesOutputs(t *testing.T) {
 	require.Len(t, rr.Tasks, len(conformance.AllTasks))
 	for _, tr := range rr.Tasks {
 		assert.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", tr.Task, tr.Note)
-		if tr.Task != conformance.TaskAttention {
-			assert.Len(t, tr.Rows, 1+4*2*2, tr.Task)
+		switch tr.Task {
+		case conformance.TaskLM, conformance.TaskGreedy:
+			// + knorm chunked at keep 0.5, both granularities.
+			assert.Equal(t, 1+4*2*2+2, len(tr.Rows), tr.Task)
+		case conformance.TaskAttention:
+		default:
+			assert.Equal(t, 1+4*2*2, len(tr.Rows), tr.Task)
 		}
 	}
 
@@ -131,6 +137,21 @@ func TestQuickRunWritesOutputs(t *testing.T) {
 	require.Len(t, r.Compare, 2)
 	assert.Equal(t, "baseline", r.Compare[0].Against)
 	assert.Equal(t, "knorm", r.Compare[1].Against)
+	// Chunked: knorm under pressure in a cache of 0.5 × prompt + the scored
+	// tokens, compared with knorm once after prefill on the same samples.
+	for _, task := range []string{conformance.TaskLM, conformance.TaskGreedy} {
+		tr := rr.Task(task)
+		for _, g := range []string{"per-head", "per-token"} {
+			ch := tr.ModeRow(conformance.ModeChunked, "knorm", g, 0.5)
+			require.NotNil(t, ch, "%s %s", task, g)
+			require.Equal(t, conformance.StatusOK, ch.Status, "%s %s: %s", task, g, ch.Note)
+			assert.Less(t, float64(ch.Metrics["kept_entries"]), 1.0, "%s %s: the prompt did not fit", task, g)
+			assert.Less(t, float64(ch.Metrics["cache_fraction"]), 1.0)
+			require.Len(t, ch.Compare, 2)
+			assert.Equal(t, "knorm after prefill", ch.Compare[1].Against)
+		}
+	}
+	assert.Contains(t, string(md), "| knorm chunked | per-head |")
 	for _, want := range []string{"Paired comparisons", "Decoding phase", "Prompt-internal", "reference-attention-heatmap.png"} {
 		assert.Contains(t, string(md), want)
 	}

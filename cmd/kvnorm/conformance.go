@@ -72,6 +72,7 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 	lengths := fs.String("lengths", "", "passkey/needle prompt lengths in tokens, comma-separated (default: 1/2, 3/4, 7/8 of the context)")
 	depths := fs.String("depths", "", "passkey/needle depths in [0,1], comma-separated (default: 0,0.25,0.5,0.75,1)")
 	seeds := fs.Int("seeds", 0, "passkey/needle prompts per length and depth (0: 2, or 1 with --quick)")
+	chunked := fs.Bool("chunked", true, "lm and greedy also run knorm under pressure: the prompt decoded in chunks into a cache of keep × prompt + the tokens after it (one more engine per keep ratio), against knorm once after prefill")
 	bootstrap := fs.Int("bootstrap", conformance.DefaultBootstrap, "bootstrap resamples behind every interval")
 	out := fs.String("out", "conformance-out", "directory for results.json, report.md and the plots")
 	asJSON := fs.Bool("json", false, "print results.json to stdout instead of the summary")
@@ -97,7 +98,7 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 		return errors.New("--model is required")
 	}
 	cfg := conformance.Config{Model: *model, Tokenizer: *tok, Context: *ctxLen, Threads: *threads, Quick: *quick, Seed: *seed,
-		Bootstrap: *bootstrap}
+		Bootstrap: *bootstrap, Chunked: *chunked}
 	var err error
 	if cfg.Overrides, err = sizeOverrides(*samples, *prefill, *scoreN, *seeds, *lengths, *depths); err != nil {
 		return err
