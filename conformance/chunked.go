@@ -95,6 +95,15 @@ func (cs *chunkedSet) run(r *runner, task string, ii int, in *instance, bout *ou
 			continue
 		}
 		e, err := cs.engine(r, cs.ctxs[i])
+		if err == nil && e.Info().Context >= len(in.prompt) {
+			// The runtime rounded its context up to hold the whole prompt
+			// (llama.cpp pads n_ctx to 256): nothing is chunked.
+			row.Status = StatusNA
+			row.Note = fmt.Sprintf("asked for a %d-cell cache, the runtime opened %d, which holds the whole %d-token prompt: nothing to chunk", cs.ctxs[i], e.Info().Context, len(in.prompt))
+			row.Instances = nil
+			r.prog.advance(in.cost(), "")
+			continue
+		}
 		var out *output
 		if err == nil {
 			p := *cs.pols[i]
