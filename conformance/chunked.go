@@ -18,7 +18,7 @@ import (
 // (hooks.Observer.CachePressure) whenever the next batch would not fit; the
 // tokens after the prompt are then decoded under pressure too. The policy's
 // own keep is 1: every eviction comes from pressure. A keep whose cache
-// would hold the whole prompt is n/a (nothing to chunk).
+// would hold the whole prompt has no chunked row (nothing to chunk).
 type chunkedSet struct {
 	rows    []Row
 	pols    []*adapter.Policy
@@ -49,9 +49,8 @@ func (r *runner) chunkedVariants(task string) *chunkedSet {
 			c := int(math.Ceil(k*float64(prompt)-1e-9)) + after
 			row.Note = fmt.Sprintf("cache of %d cells for a %d-token prompt + %d", c, prompt, after)
 			if c >= prompt {
-				row.Status = StatusNA
-				row.Note = fmt.Sprintf("keep × prompt + the %d tokens after it = %d cells hold the whole %d-token prompt: nothing to chunk", after, c, prompt)
-				cs.rows, cs.pols, cs.ctxs = append(cs.rows, row), append(cs.pols, nil), append(cs.ctxs, c)
+				// keep × prompt + the tokens after it hold the whole prompt:
+				// nothing to chunk, no row.
 				continue
 			}
 			if _, err := adapter.New(r.eng, p); err != nil {
