@@ -23,6 +23,9 @@ type Candidate struct {
 	// tolerance; Why names the first task that is not.
 	Within bool   `json:"within"`
 	Why    string `json:"why,omitempty"`
+	// Ran is false when no task could run the policy on the runtime (a
+	// granularity it cannot apply); such candidates are listed last.
+	Ran bool `json:"ran"`
 }
 
 // Recommendation is the most compressing policy whose intervals stay within
@@ -108,6 +111,11 @@ func recommendFrom(all []*Results, bases []adapter.Policy, targetCtx int) []Reco
 		}
 		slices.SortStableFunc(rec.Candidates, func(a, b Candidate) int {
 			switch {
+			case a.Ran != b.Ran:
+				if a.Ran {
+					return -1
+				}
+				return 1
 			case a.KeptEntries != b.KeptEntries:
 				if a.KeptEntries < b.KeptEntries {
 					return -1
@@ -181,6 +189,7 @@ func candidates(rr *RuntimeResult, base adapter.Policy) []Candidate {
 				}
 				continue
 			}
+			c.Ran = true
 			c.KeptEntries = max(c.KeptEntries, float64(r.Metrics["kept_entries"]))
 			switch r.Verdict {
 			case VerdictPass, VerdictNA:
@@ -289,7 +298,9 @@ func WriteRecommendation(w io.Writer, rec Recommendation, tol Tolerances) {
 		}
 		fmt.Fprintf(w, "\n// Go:\n%s\n", GoLiteral(rec.Policy))
 		if m := rec.Memory; m != nil {
-			fmt.Fprintf(w, "\nKV memory of one sequence at %d tokens: %s full, %s with this policy: %s saved (%.1f%%)\n",
+			fmt.Fprintf(w, "\nKV memory of one sequence at %d tokens (this runtime's cache types): %s full, %s with this policy: %s saved (%.1f%%)\n"+
+				"(kvnorm's Ollama cache allocates this: layers kept whole at the full context, the others at keep × context, plus one batch; "+
+				"llama.cpp allocates n_ctx cells whatever the policy and fits more context in them instead)\n",
 				m.Context, fmtBytes(m.FullBytes), fmtBytes(m.PolicyBytes), fmtBytes(m.SavedBytes()), 100*float64(m.SavedBytes())/float64(m.FullBytes))
 		}
 	}

@@ -98,6 +98,7 @@ func TestRecommendHonoursEachTolerance(t *testing.T) {
 			rec := recs[0]
 			require.Len(t, rec.Candidates, 3)
 			assert.Equal(t, 0.25, rec.Candidates[0].KeptEntries, "most compressing first")
+			assert.True(t, rec.Candidates[0].Ran)
 			if c.keep == 0 {
 				require.False(t, rec.Found, "%+v", rec.Candidates)
 				assert.NotEmpty(t, rec.Note)
@@ -137,4 +138,24 @@ func TestGoLiteralAndEnv(t *testing.T) {
 		"OLLAMA_KV_NORM_SKIP_LAYERS=none", "OLLAMA_KV_NORM_SINKS=4", "OLLAMA_KV_NORM_WINDOW=16", "OLLAMA_KV_NORM_AGGREGATE=min-norm", "OLLAMA_KV_NORM_MIN_PROMPT=32"} {
 		assert.Contains(t, env, want)
 	}
+}
+
+// TestRecommendListsUnrunnableLast: a granularity the runtime cannot apply
+// is never recommended and is listed after every candidate that ran.
+func TestRecommendListsUnrunnableLast(t *testing.T) {
+	tol := DefaultTolerances()
+	rr := syntheticRuntime(tol)
+	lm := &rr.Tasks[0]
+	lm.Rows = append(lm.Rows, Row{Policy: "knorm", Granularity: "per-token", Keep: 0.25, Status: StatusNA, Note: "per-token unsupported"})
+	recs := recommendFrom([]*Results{{Runtimes: []RuntimeResult{rr}}}, []adapter.Policy{adapter.DefaultPolicy()}, 0)
+	require.Len(t, recs, 1)
+	c := recs[0].Candidates
+	require.Len(t, c, 4)
+	last := c[len(c)-1]
+	assert.False(t, last.Ran)
+	assert.False(t, last.Within)
+	assert.Contains(t, last.Why, "per-token unsupported")
+	assert.Equal(t, hooks.PerToken, last.Policy.Granularity)
+	require.NotNil(t, recs[0].Memory, "the runtime's own context (1000) when no target is given")
+	assert.Equal(t, 1000, recs[0].Memory.Context)
 }
