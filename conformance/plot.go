@@ -63,11 +63,19 @@ func WritePlots(dir string, res *Results) ([]string, error) {
 }
 
 func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
-	metric := MainMetric(tr.Task)
+	// Perplexity is drawn as the relative increase over the baseline with
+	// its paired interval: the spread of perplexity across texts would hide
+	// every difference between policies.
+	metric, label := MainMetric(tr.Task), MainMetric(tr.Task)
+	if tr.Task == TaskLM {
+		metric, label = "ppl_increase", "perplexity increase over the baseline (paired 95% CI)"
+	} else {
+		label += " (95% CI)"
+	}
 	p := plot.New()
-	p.Title.Text = fmt.Sprintf("%s: %s (%s)", tr.Task, metric, runtime)
+	p.Title.Text = fmt.Sprintf("%s: %s (%s)", tr.Task, MainMetric(tr.Task), runtime)
 	p.X.Label.Text = "keep ratio"
-	p.Y.Label.Text = metric
+	p.Y.Label.Text = label
 	// The empty corner: perplexity falls as keep grows (top right is free),
 	// accuracies rise (bottom right is free).
 	p.Legend.Top = tr.Task == TaskLM
