@@ -305,12 +305,20 @@ func WriteRecommendation(w io.Writer, rec Recommendation, tol Tolerances) {
 		}
 	}
 	fmt.Fprintf(w, "\ncandidates, most compressing first:\n")
+	var unrun []Candidate
 	for _, c := range rec.Candidates {
+		if !c.Ran {
+			unrun = append(unrun, c)
+			continue
+		}
 		status := "within"
 		if !c.Within {
 			status = "outside: " + c.Why
 		}
 		fmt.Fprintf(w, "  kept %.3f  %s  %s\n", c.KeptEntries, c.Name, status)
+	}
+	if len(unrun) > 0 {
+		fmt.Fprintf(w, "  and %d the runtime could not run (first: %s: %s)\n", len(unrun), unrun[0].Name, unrun[0].Why)
 	}
 }
 

@@ -129,6 +129,9 @@ func runConformance(args []string, stdout, stderr io.Writer) error {
 		if !set["tasks"] {
 			cfg.Tasks = slices.DeleteFunc(cfg.Tasks, func(t string) bool { return t == conformance.TaskAttention })
 		}
+		if !set["chunked"] {
+			cfg.Chunked = false // chunked rows are not candidates
+		}
 	}
 	cfg.Base = adapter.DefaultPolicy()
 	bases, err := basePolicies(*skip, *sinks, *window, *recommend)
