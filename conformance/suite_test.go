@@ -34,7 +34,7 @@ func config(t *testing.T) conformance.Config {
 		Base:          adapter.DefaultPolicy(),
 		Quick:         true,
 		// Two samples keep the suite's tests CI-sized.
-		Overrides:  conformance.SizeOverrides{Samples: 2, Prefill: 128, Score: 32},
+		Overrides:  conformance.SizeOverrides{Samples: 2, Prefill: 128, Score: 32, Lengths: []int{192}},
 		Chunked:    true,
 		Seed:       1,
 		Tolerances: conformance.DefaultTolerances(),
