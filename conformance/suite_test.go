@@ -294,3 +294,33 @@ func TestUserText(t *testing.T) {
 	assert.Equal(t, conformance.StatusError, res.Runtimes[0].Task(conformance.TaskLM).Status)
 	assert.Contains(t, res.Runtimes[0].Task(conformance.TaskLM).Note, "lm needs")
 }
+
+// TestAttentionDecodingPhaseIsNegative: on stories260K the attention the
+// continuation's queries give to the prompt's keys falls with the key norm
+// in every layer (the paper's measure; an independent numpy implementation
+// found −0.58 … −0.20, ../shared/models/README.md), while inside the prompt
+// it rises with it. A regression fixture for the two measures.
+func TestAttentionDecodingPhaseIsNegative(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the reference forward pass with attention")
+	}
+	cfg := config(t)
+	cfg.Tasks = []string{conformance.TaskAttention}
+	cfg.Quick = false
+	cfg.Overrides = conformance.SizeOverrides{Samples: 4, Prefill: 256, Score: 128}
+	res, err := conformance.Run(context.Background(), cfg)
+	require.NoError(t, err)
+	tr := res.Runtimes[0].Task(conformance.TaskAttention)
+	require.NotNil(t, tr)
+	require.Equal(t, conformance.StatusOK, tr.Status, tr.Note)
+	a := tr.Attention
+	require.Equal(t, 256, a.Length)
+	require.Equal(t, 128, a.Decode)
+	require.Len(t, a.Layers, 5)
+	for i, l := range a.Layers {
+		assert.Less(t, float64(l.SpearmanCI.Hi), 0.0, "decoding phase, layer %d: ρ %v %v", l.Layer, l.Spearman, l.SpearmanCI)
+		assert.Greater(t, float64(l.ShareLowHalf), 0.5, "decoding phase, layer %d: the low-norm half draws more than uniform", l.Layer)
+		p := a.Prompt[i]
+		assert.Greater(t, float64(p.Spearman), 0.0, "prompt-internal, layer %d: ρ %v", p.Layer, p.Spearman)
+	}
+}
