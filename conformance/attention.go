@@ -69,22 +69,30 @@ func (o *normObserver) CachePressure(seq hooks.SeqID, free, incoming int) (hooks
 
 func (o *normObserver) Forget(hooks.SeqID, hooks.Pos, hooks.Pos) {}
 
-// attnAccumulator sums, per (layer, KV head), the attention each position
-// receives from later queries and the share of each query's attention on the
-// lowest-norm half of the keys it sees.
+// attnAccumulator sums, per (layer, KV head), the attention each key
+// receives from a range of queries and the share of each query's attention
+// (among the keys counted) on the lowest-norm half of those keys.
+//
+// Queries at positions in [qFrom, qTo) count; keys count when their position
+// is below keyEnd and not after the query. The prompt-internal measure is
+// qFrom 0, qTo = keyEnd = P (every prompt query to the earlier prompt keys);
+// the decoding-phase measure, the paper's, is qFrom = keyEnd = P, qTo
+// unbounded (the queries after the prompt to the prompt's keys).
 type attnAccumulator struct {
-	obs     *normObserver
-	kvHeads int
-	recv    [][]float64 // [layer*KVHeads+head][position]
-	cnt     [][]float64
-	share   []float64 // [layer*KVHeads+head]
-	uniform []float64
-	queries []float64
+	obs        *normObserver
+	qFrom, qTo hooks.Pos
+	keyEnd     hooks.Pos
+	kvHeads    int
+	recv       [][]float64 // [layer*KVHeads+head][position]
+	cnt        [][]float64
+	share      []float64 // [layer*KVHeads+head]
+	uniform    []float64
+	queries    []float64
 }
 
-func newAttnAccumulator(obs *normObserver) *attnAccumulator {
+func newAttnAccumulator(obs *normObserver, qFrom, qTo, keyEnd hooks.Pos) *attnAccumulator {
 	n := obs.shape.Layers * obs.shape.KVHeads
-	return &attnAccumulator{obs: obs, kvHeads: obs.shape.KVHeads, recv: make([][]float64, n), cnt: make([][]float64, n),
+	return &attnAccumulator{obs: obs, qFrom: qFrom, qTo: qTo, keyEnd: keyEnd, kvHeads: obs.shape.KVHeads, recv: make([][]float64, n), cnt: make([][]float64, n),
 		share: make([]float64, n), uniform: make([]float64, n), queries: make([]float64, n)}
 }
 
@@ -114,9 +122,12 @@ func (a *attnAccumulator) add(b *AttentionBatch) error {
 			return fmt.Errorf("conformance: attention batch of layer %d: KV head %d has %d cells, head 0 %d", b.Layer, g, len(cells), nc)
 		}
 		for q, qp := range b.Queries {
+			if qp < a.qFrom || qp >= a.qTo {
+				continue
+			}
 			vis = vis[:0]
 			for c, p := range cells {
-				if p >= 0 && p <= qp {
+				if p >= 0 && p <= qp && p < a.keyEnd {
 					n := a.obs.norm(b.Layer, g, p)
 					if math.IsNaN(float64(n)) {
 						return fmt.Errorf("conformance: layer %d KV head %d: attention to position %d whose key was never reported (report keys before attention)", b.Layer, g, p)
@@ -144,9 +155,10 @@ func (a *attnAccumulator) add(b *AttentionBatch) error {
 				low[v.c] = true
 			}
 			for h := g * group; h < (g+1)*group; h++ {
-				var s float64
+				var s, tot float64
 				for _, v := range vis {
 					w := float64(b.Weight(h, q, v.c))
+					tot += w
 					if low[v.c] {
 						s += w
 					}
@@ -159,7 +171,10 @@ func (a *attnAccumulator) add(b *AttentionBatch) error {
 						a.cnt[lane][v.pos]++
 					}
 				}
-				a.share[lane] += s
+				if tot <= 0 {
+					continue
+				}
+				a.share[lane] += s / tot
 				a.uniform[lane] += float64(half) / float64(len(vis))
 				a.queries[lane]++
 			}
@@ -193,32 +208,40 @@ func (a *attnAccumulator) result() (rho, share, uniform []float64) {
 	return rho, share, uniform
 }
 
+// attnSample is what one sample measured: per lane, ρ, the low-half share
+// and the uniform share, for the decoding phase and the prompt.
+type attnSample struct {
+	rho, share, uni [2][]float64 // [0] decoding, [1] prompt
+}
+
 // runAttention measures, on the uncompressed model, how key norms relate to
-// the attention keys receive (Devoto et al.'s central analysis).
+// the attention keys receive (Devoto et al.'s central analysis): the
+// decoding-phase measure the paper states, and the prompt-internal one.
 func (r *runner) runAttention() TaskResult {
 	tr := TaskResult{Task: TaskAttention, Status: StatusOK}
 	s := r.sizes
+	cost := float64(s.AttentionLength + s.AttentionScore)
 	rec, ok := r.eng.(AttentionRecorder)
 	if !ok {
 		tr.Status, tr.Note = StatusNA, fmt.Sprintf("runtime %s does not implement conformance.AttentionRecorder", r.name)
-		r.prog.advance(float64(s.AttentionSamples*s.AttentionLength), "")
+		r.prog.advance(float64(s.AttentionSamples)*cost, "")
 		return tr
 	}
 	shape := r.eng.CacheShape()
-	lanes := shape.Layers * shape.KVHeads
-	rhos, shares, unis := make([][]float64, lanes), make([][]float64, lanes), make([][]float64, lanes)
+	var samples []attnSample
 	for i := range s.AttentionSamples {
 		smp, err := r.corp.sample(i)
-		if err == nil && len(smp) < s.AttentionLength {
-			err = fmt.Errorf("text sample %d has %d tokens, attention needs %d", i, len(smp), s.AttentionLength)
+		if err == nil && len(smp) < s.AttentionLength+s.AttentionScore {
+			err = fmt.Errorf("text sample %d has %d tokens, attention needs %d", i, len(smp), s.AttentionLength+s.AttentionScore)
 		}
 		if err != nil {
 			tr.Status, tr.Note = StatusError, err.Error()
 			return tr
 		}
-		tr.Inputs = append(tr.Inputs, Input{ID: fmt.Sprintf("sample=%d", i), Tokens: s.AttentionLength, Sample: i})
-		rho, share, uni, err := r.attentionSample(rec, shape, smp[:s.AttentionLength])
-		r.prog.advance(float64(s.AttentionLength), fmt.Sprintf("attention sample=%d", i))
+		tr.Inputs = append(tr.Inputs, Input{ID: fmt.Sprintf("sample=%d", i), Tokens: s.AttentionLength, Sample: i,
+			Extra: Metrics{"decoded": Num(s.AttentionScore)}})
+		as, err := r.attentionSample(rec, shape, smp[:s.AttentionLength], smp[s.AttentionLength:s.AttentionLength+s.AttentionScore])
+		r.prog.advance(cost, fmt.Sprintf("attention sample=%d", i))
 		if err != nil {
 			tr.Status, tr.Note = StatusError, err.Error()
 			if errors.Is(err, ErrNoAttention) {
@@ -226,55 +249,84 @@ func (r *runner) runAttention() TaskResult {
 			}
 			return tr
 		}
-		for lane := range lanes {
-			rhos[lane] = append(rhos[lane], rho[lane])
-			shares[lane] = append(shares[lane], share[lane])
-			unis[lane] = append(unis[lane], uni[lane])
-		}
+		samples = append(samples, as)
 	}
-	res := &AttentionResult{Samples: s.AttentionSamples, Length: s.AttentionLength}
-	for l := range shape.Layers {
-		la := LayerAttention{Layer: l}
-		var hr, hs, hu []float64
-		for g := range shape.KVHeads {
-			lane := l*shape.KVHeads + g
-			hr = append(hr, meanFinite(rhos[lane]))
-			hs = append(hs, meanFinite(shares[lane]))
-			hu = append(hu, meanFinite(unis[lane]))
-		}
-		la.HeadSpearman, la.HeadShareLowHalf = nums(hr), nums(hs)
-		la.Spearman, la.ShareLowHalf, la.ShareUniform = Num(meanFinite(hr)), Num(meanFinite(hs)), Num(meanFinite(hu))
-		res.Layers = append(res.Layers, la)
-	}
+	res := &AttentionResult{Samples: s.AttentionSamples, Length: s.AttentionLength, Decode: s.AttentionScore}
+	res.Layers = summariseAttention(samples, 0, shape, r.cfg.Bootstrap, mix(r.cfg.Seed, strHash(TaskAttention), 0))
+	res.Prompt = summariseAttention(samples, 1, shape, r.cfg.Bootstrap, mix(r.cfg.Seed, strHash(TaskAttention), 1))
 	tr.Attention = res
 	return tr
 }
 
-func (r *runner) attentionSample(rec AttentionRecorder, shape hooks.CacheShape, tokens []int32) (rho, share, uni []float64, err error) {
+// summariseAttention averages measure m of every sample per layer (over KV
+// heads, then samples) with bootstrap intervals over samples, and per head.
+func summariseAttention(samples []attnSample, m int, shape hooks.CacheShape, b int, seed uint64) []LayerAttention {
+	var out []LayerAttention
+	for l := range shape.Layers {
+		la := LayerAttention{Layer: l}
+		// Per sample: the mean over the layer's heads.
+		var sr, ss, su []float64
+		hr, hs := make([][]float64, shape.KVHeads), make([][]float64, shape.KVHeads)
+		for _, smp := range samples {
+			lo, hi := l*shape.KVHeads, (l+1)*shape.KVHeads
+			sr = append(sr, meanFinite(smp.rho[m][lo:hi]))
+			ss = append(ss, meanFinite(smp.share[m][lo:hi]))
+			su = append(su, meanFinite(smp.uni[m][lo:hi]))
+			for g := range shape.KVHeads {
+				hr[g] = append(hr[g], smp.rho[m][lo+g])
+				hs[g] = append(hs[g], smp.share[m][lo+g])
+			}
+		}
+		for g := range shape.KVHeads {
+			la.HeadSpearman = append(la.HeadSpearman, Num(meanFinite(hr[g])))
+			la.HeadShareLowHalf = append(la.HeadShareLowHalf, Num(meanFinite(hs[g])))
+		}
+		la.Spearman, la.ShareLowHalf, la.ShareUniform = Num(meanFinite(sr)), Num(meanFinite(ss)), Num(meanFinite(su))
+		la.SpearmanCI = sampleCI(sr, b, mix(seed, uint64(l), 0x5))
+		la.ShareLowHalfCI = sampleCI(ss, b, mix(seed, uint64(l), 0x6))
+		out = append(out, la)
+	}
+	return out
+}
+
+// attentionSample prefills prompt, then decodes cont teacher-forced, with
+// attention recorded: the prefill feeds the prompt-internal measure, the
+// continuation the decoding-phase one.
+func (r *runner) attentionSample(rec AttentionRecorder, shape hooks.CacheShape, prompt, cont []int32) (attnSample, error) {
 	e := r.eng
 	e.SetObserver(nil)
 	if err := e.RemoveSequence(runSeq); err != nil {
-		return nil, nil, nil, err
+		return attnSample{}, err
 	}
+	P := hooks.Pos(len(prompt))
 	obs := newNormObserver(shape)
-	acc := newAttnAccumulator(obs)
+	dec := newAttnAccumulator(obs, P, math.MaxInt32, P)
+	prm := newAttnAccumulator(obs, 0, P, P)
 	e.SetObserver(obs)
 	if err := rec.RecordAttention(func(b *AttentionBatch) error {
 		if b.Seq != runSeq {
 			return nil
 		}
-		return acc.add(b)
+		if err := prm.add(b); err != nil {
+			return err
+		}
+		return dec.add(b)
 	}); err != nil {
-		return nil, nil, nil, err
+		return attnSample{}, err
 	}
 	defer func() {
 		_ = rec.RecordAttention(nil)
 		e.SetObserver(nil)
 		_ = e.RemoveSequence(runSeq)
 	}()
-	if _, err := e.Prefill(runSeq, tokens, false); err != nil {
-		return nil, nil, nil, err
+	if _, err := e.Prefill(runSeq, prompt, false); err != nil {
+		return attnSample{}, err
 	}
-	rho, share, uni = acc.result()
-	return rho, share, uni, nil
+	if _, err := e.Decode(runSeq, cont); err != nil {
+		return attnSample{}, err
+	}
+	var as attnSample
+	as.rho[0], as.share[0], as.uni[0] = dec.result()
+	as.rho[1], as.share[1], as.uni[1] = prm.result()
+	return as, nil
 }

@@ -15,12 +15,21 @@
 // granularity the engine cannot apply is reported as n/a.
 //
 //	tasks      lm         prefill, compress, teacher-forced scoring: loss, perplexity, KL(baseline ‖ compressed), top-1 agreement
-//	           passkey    filler + "The pass key is N..." at a depth + question; exact match of the generated digits
+//	           passkey    the published instruction line, filler, "The pass key is N..." at a depth, question; exact match
 //	           needle     a fact sentence at a depth of a haystack text; does the answer contain the fact
 //	           greedy     greedy generation: first divergence from the baseline and match rate
-//	           attention  uncompressed: Spearman(key norm, attention received) per layer and head, and the
-//	                      share of attention on the lowest-norm half (needs AttentionRecorder)
-//	outputs    Results -> Write: results.json (every number), report.md (tables and verdicts), PNG plots
+//	           attention  uncompressed, needs AttentionRecorder: per layer and KV head, Spearman(key norm, attention
+//	                      received) and the share of attention on the lowest-norm half, for the decoding phase
+//	                      (continuation queries -> prefill keys, Devoto et al.'s measure) and prompt-internally
+//	chunked    lm and greedy also run knorm under pressure: the prompt decoded into a cache of keep × prompt + the
+//	           tokens after it (CachePressure), paired against knorm once after prefill (Config.Chunked)
+//	statistics every cell has a seeded percentile bootstrap interval over the task's instances; rows are compared
+//	           with the baseline and with knorm on the same instances (paired bootstrap of the difference,
+//	           "not distinguishable" when it spans 0); verdicts are judged on intervals (pass, FAIL, uncertain)
+//	recommend  Recommend: the most compressing policy whose intervals stay within every tolerance, as
+//	           OLLAMA_KV_NORM_* lines, a Go adapter.Policy literal and the KV memory saved
+//	outputs    Results -> Write: results.json (every number), report.md (tables, intervals, comparisons,
+//	           verdicts), PNG plots (error bars; the attention measures and a layer × head heatmap of ρ)
 //
 // Text comes from the model under test, sampled at temperature 1 with fixed
 // seeds (in-distribution for any model), or from the user's file. Every

@@ -9,7 +9,7 @@ import (
 // A passkey prompt of about 60 tokens (here one token per word) with the key
 // in the middle of the filler, and the scoring of two answers.
 func ExampleBuildPasskey() {
-	p, err := conformance.BuildPasskey(wordTokenizer{}, 60, 0.5, "48960")
+	p, err := conformance.BuildPasskey(wordTokenizer{}, 90, 0.5, "48960")
 	if err != nil {
 		panic(err)
 	}
@@ -20,8 +20,8 @@ func ExampleBuildPasskey() {
 		fmt.Printf("%q: exact %v, digits %.1f\n", answer, exact, digits)
 	}
 	// Output:
-	// 60 tokens, 10 filler sentences, 5 before the key
-	// The grass is green. The sky is blue. The sun is yellow. Here...
+	// 90 tokens, 11 filler sentences, 6 before the key
+	// There is an important info hidden inside a lot of irrelevant...
 	// " 48960. Remember": exact true, digits 1.0
 	// " 48966 is": exact false, digits 0.8
 }

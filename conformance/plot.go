@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/palette/moreland"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/vg"
@@ -32,7 +33,16 @@ func WritePlots(dir string, res *Results) ([]string, error) {
 				err error
 			)
 			if tr.Task == TaskAttention {
-				p, err = attentionPlot(rr.Runtime, tr.Attention)
+				if p, err = attentionHeatmap(rr.Runtime, tr.Attention); err == nil && p != nil {
+					path := filepath.Join(dir, fileStem(rr.Runtime, tr.Task)+"-heatmap.png")
+					if err := p.Save(12*vg.Centimeter, 10*vg.Centimeter, path); err != nil {
+						return files, fmt.Errorf("conformance: save %s: %w", path, err)
+					}
+					files = append(files, path)
+				}
+				if err == nil {
+					p, err = attentionPlot(rr.Runtime, tr.Attention)
+				}
 			} else {
 				p, err = sweepPlot(rr.Runtime, tr)
 			}
@@ -53,11 +63,19 @@ func WritePlots(dir string, res *Results) ([]string, error) {
 }
 
 func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
-	metric := MainMetric(tr.Task)
+	// Perplexity is drawn as the relative increase over the baseline with
+	// its paired interval: the spread of perplexity across texts would hide
+	// every difference between policies.
+	metric, label := MainMetric(tr.Task), MainMetric(tr.Task)
+	if tr.Task == TaskLM {
+		metric, label = "ppl_increase", "perplexity increase over the baseline (paired 95% CI)"
+	} else {
+		label += " (95% CI)"
+	}
 	p := plot.New()
-	p.Title.Text = fmt.Sprintf("%s: %s (%s)", tr.Task, metric, runtime)
+	p.Title.Text = fmt.Sprintf("%s: %s (%s)", tr.Task, MainMetric(tr.Task), runtime)
 	p.X.Label.Text = "keep ratio"
-	p.Y.Label.Text = metric
+	p.Y.Label.Text = label
 	// The empty corner: perplexity falls as keep grows (top right is free),
 	// accuracies rise (bottom right is free).
 	p.Legend.Top = tr.Task == TaskLM
@@ -67,8 +85,8 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 	type key struct{ policy, gran string }
 	var keys []key
 	for _, r := range tr.Rows {
-		if !r.Baseline && r.Status == StatusOK && !slices.Contains(keys, key{r.Policy, r.Granularity}) {
-			keys = append(keys, key{r.Policy, r.Granularity})
+		if !r.Baseline && r.Status == StatusOK && !slices.Contains(keys, key{r.Label(), r.Granularity}) {
+			keys = append(keys, key{r.Label(), r.Granularity})
 		}
 	}
 	if len(keys) == 0 {
@@ -82,9 +100,12 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 	}
 	xmin, xmax := 1.0, 0.0
 	for _, k := range keys {
-		var pts plotter.XYs
+		var (
+			pts  plotter.XYs
+			errs errPoints
+		)
 		for _, r := range tr.Rows {
-			if r.Baseline || r.Policy != k.policy || r.Granularity != k.gran || r.Status != StatusOK {
+			if r.Baseline || r.Label() != k.policy || r.Granularity != k.gran || r.Status != StatusOK {
 				continue
 			}
 			v := float64(r.Metrics[metric])
@@ -93,6 +114,9 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 			}
 			pts = append(pts, plotter.XY{X: r.Keep, Y: v})
 			xmin, xmax = min(xmin, r.Keep), max(xmax, r.Keep)
+			if iv, ok := r.CI[metric]; ok && iv.Valid() {
+				errs.add(r.Keep, v, iv)
+			}
 		}
 		if len(pts) == 0 {
 			continue
@@ -110,6 +134,15 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 			line.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
 		}
 		p.Add(line, points)
+		if len(errs.XYs) > 0 {
+			eb, err := plotter.NewYErrorBars(errs)
+			if err != nil {
+				return nil, err
+			}
+			eb.Color = plotutil.Color(ci)
+			eb.CapWidth = vg.Points(4)
+			p.Add(eb)
+		}
 		p.Legend.Add(k.policy+" "+k.gran, line, points)
 	}
 	if b := tr.BaselineRow(); b != nil && b.Status == StatusOK && xmax >= xmin {
@@ -128,6 +161,19 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 	return p, nil
 }
 
+// errPoints are points with asymmetric error bars (a bootstrap interval).
+type errPoints struct {
+	plotter.XYs
+	plotter.YErrors
+}
+
+func (e *errPoints) add(x, y float64, iv Interval) {
+	e.XYs = append(e.XYs, plotter.XY{X: x, Y: y})
+	e.YErrors = append(e.YErrors, struct{ Low, High float64 }{max(0, y-float64(iv.Lo)), max(0, float64(iv.Hi)-y)})
+}
+
+// attentionPlot draws ρ per layer for the decoding-phase and the
+// prompt-internal measures, with their intervals and the per-head values.
 func attentionPlot(runtime string, a *AttentionResult) (*plot.Plot, error) {
 	if a == nil || len(a.Layers) == 0 {
 		return nil, nil
@@ -138,36 +184,61 @@ func attentionPlot(runtime string, a *AttentionResult) (*plot.Plot, error) {
 	p.Y.Label.Text = "Spearman ρ(key norm, attention received)"
 	p.Y.Min, p.Y.Max = -1, 1
 	p.Add(plotter.NewGrid())
-	var mean, heads plotter.XYs
-	for _, l := range a.Layers {
-		if v := float64(l.Spearman); !math.IsNaN(v) {
-			mean = append(mean, plotter.XY{X: float64(l.Layer), Y: v})
-		}
-		for _, h := range l.HeadSpearman {
-			if v := float64(h); !math.IsNaN(v) {
-				heads = append(heads, plotter.XY{X: float64(l.Layer), Y: v})
+	for i, m := range []struct {
+		name   string
+		layers []LayerAttention
+	}{{"decoding phase (queries after the prefill)", a.Layers}, {"prompt-internal (later prompt queries)", a.Prompt}} {
+		var (
+			mean  plotter.XYs
+			heads plotter.XYs
+			errs  errPoints
+		)
+		for _, l := range m.layers {
+			x := float64(l.Layer) + 0.08*float64(2*i-1)
+			if v := float64(l.Spearman); !math.IsNaN(v) {
+				mean = append(mean, plotter.XY{X: x, Y: v})
+				if l.SpearmanCI.Valid() {
+					errs.add(x, v, l.SpearmanCI)
+				}
+			}
+			for _, h := range l.HeadSpearman {
+				if v := float64(h); !math.IsNaN(v) {
+					heads = append(heads, plotter.XY{X: x, Y: v})
+				}
 			}
 		}
-	}
-	if len(heads) > 0 {
-		sc, err := plotter.NewScatter(heads)
-		if err != nil {
-			return nil, err
+		if len(heads) > 0 {
+			sc, err := plotter.NewScatter(heads)
+			if err != nil {
+				return nil, err
+			}
+			sc.Color = plotutil.Color(i)
+			sc.Shape = draw.CircleGlyph{}
+			sc.Radius = vg.Points(1.5)
+			p.Add(sc)
 		}
-		sc.Color = plotutil.Color(1)
-		sc.Shape = draw.CircleGlyph{}
-		p.Add(sc)
-		p.Legend.Add("per KV head", sc)
-	}
-	if len(mean) > 0 {
-		line, points, err := plotter.NewLinePoints(mean)
-		if err != nil {
-			return nil, err
+		if len(mean) > 0 {
+			line, points, err := plotter.NewLinePoints(mean)
+			if err != nil {
+				return nil, err
+			}
+			line.Color, points.Color = plotutil.Color(i), plotutil.Color(i)
+			line.Width = vg.Points(2)
+			if i == 1 {
+				line.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
+			}
+			p.Add(line, points)
+			p.Legend.Add(m.name+": mean, 95% CI", line, points)
 		}
-		line.Color, points.Color = plotutil.Color(0), plotutil.Color(0)
-		line.Width = vg.Points(2)
-		p.Add(line, points)
-		p.Legend.Add("mean over heads", line, points)
+		if len(errs.XYs) > 0 {
+			eb, err := plotter.NewYErrorBars(errs)
+			if err != nil {
+				return nil, err
+			}
+			eb.Color = plotutil.Color(i)
+			eb.CapWidth = vg.Points(4)
+			p.Add(eb)
+		}
 	}
 	zero, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: float64(len(a.Layers) - 1), Y: 0}})
 	if err != nil {
@@ -175,8 +246,57 @@ func attentionPlot(runtime string, a *AttentionResult) (*plot.Plot, error) {
 	}
 	zero.Color = color.Gray{Y: 110}
 	p.Add(zero)
-	p.Legend.TextStyle.Font.Size = vg.Points(9)
+	p.Legend.TextStyle.Font.Size = vg.Points(8)
+	p.Legend.Top, p.Legend.Left = true, true
 	p.NominalX(layerNames(len(a.Layers))...)
+	return p, nil
+}
+
+// rhoGrid is the layer × KV head grid of the decoding-phase ρ.
+type rhoGrid struct{ layers []LayerAttention }
+
+func (g rhoGrid) Dims() (c, r int)   { return len(g.layers[0].HeadSpearman), len(g.layers) }
+func (g rhoGrid) Z(c, r int) float64 { return float64(g.layers[r].HeadSpearman[c]) }
+func (g rhoGrid) X(c int) float64    { return float64(c) }
+func (g rhoGrid) Y(r int) float64    { return float64(r) }
+
+// attentionHeatmap draws the decoding-phase ρ per layer × KV head, blue
+// negative (low-norm keys receive more), red positive, values written in the
+// cells.
+func attentionHeatmap(runtime string, a *AttentionResult) (*plot.Plot, error) {
+	if a == nil || len(a.Layers) == 0 || len(a.Layers[0].HeadSpearman) == 0 {
+		return nil, nil
+	}
+	g := rhoGrid{a.Layers}
+	cm := moreland.SmoothBlueRed()
+	cm.SetMin(-1)
+	cm.SetMax(1)
+	hm := plotter.NewHeatMap(g, cm.Palette(101))
+	hm.Min, hm.Max = -1, 1
+	hm.NaN = color.Gray{Y: 200}
+	p := plot.New()
+	p.Title.Text = fmt.Sprintf("ρ(key norm, attention) while decoding (%s)", runtime)
+	p.X.Label.Text = "KV head"
+	p.Y.Label.Text = "layer"
+	p.Add(hm)
+	var lab plotter.XYLabels
+	c, r := g.Dims()
+	for y := range r {
+		for x := range c {
+			lab.XYs = append(lab.XYs, plotter.XY{X: float64(x), Y: float64(y)})
+			lab.Labels = append(lab.Labels, fmtNums([]Num{Num(g.Z(x, y))}))
+		}
+	}
+	labels, err := plotter.NewLabels(lab)
+	if err != nil {
+		return nil, err
+	}
+	for i := range labels.TextStyle {
+		labels.TextStyle[i].XAlign, labels.TextStyle[i].YAlign = draw.XCenter, draw.YCenter
+	}
+	p.Add(labels)
+	p.NominalX(layerNames(c)...)
+	p.NominalY(layerNames(r)...)
 	return p, nil
 }
 

@@ -17,6 +17,10 @@ type Tokenizer interface {
 // Jaggi 2023, as used by Devoto et al. 2024), repeated in this order.
 var PasskeyFiller = []string{"The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."}
 
+// PasskeyInstruction opens every passkey prompt: the task's instruction line
+// of Mohtashami and Jaggi (2023), which Devoto et al. (2024) reuse.
+const PasskeyInstruction = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there."
+
 // PasskeyQuestion ends every passkey prompt.
 const PasskeyQuestion = "What is the pass key? The pass key is"
 
@@ -56,6 +60,9 @@ type Prompt struct {
 	// InsertToken is the index in Tokens where the inserted sentence starts
 	// (as the prefix tokenizes alone).
 	InsertToken int
+	// HeaderTokens is the number of tokens of the instruction line that
+	// opens the prompt (0 without one).
+	HeaderTokens int
 	// FillerTokens is the number of tokens the fillers take (the prompt
 	// minus BOS, the inserted sentence and the question, as they tokenize
 	// alone).
@@ -66,7 +73,7 @@ type Prompt struct {
 // included; within one filler sentence) whose key sentence sits at depth in
 // [0, 1] of the filler (0: first, 1: just before the question).
 func BuildPasskey(tok Tokenizer, length int, depth float64, key string) (*Prompt, error) {
-	return buildRetrieval(tok, func(i int) string { return PasskeyFiller[i%len(PasskeyFiller)] }, PasskeySentence(key), PasskeyQuestion, length, depth)
+	return buildRetrieval(tok, PasskeyInstruction, func(i int) string { return PasskeyFiller[i%len(PasskeyFiller)] }, PasskeySentence(key), PasskeyQuestion, length, depth)
 }
 
 // BuildNeedle builds a needle prompt: the haystack's sentences (cycled when
@@ -83,11 +90,16 @@ func BuildNeedle(tok Tokenizer, haystack []string, n Needle, length int, depth f
 	if len(hay) == 0 {
 		return nil, errors.New("conformance: needle: the haystack has no sentence")
 	}
-	return buildRetrieval(tok, func(i int) string { return hay[i%len(hay)] }, n.Sentence, n.Question, length, depth)
+	return buildRetrieval(tok, "", func(i int) string { return hay[i%len(hay)] }, n.Sentence, n.Question, length, depth)
 }
 
-func retrievalText(filler func(int) string, insert, question string, n, k int) (text, prefix string) {
-	parts := make([]string, 0, n+2)
+// retrievalText is header (when not empty), n filler sentences with insert
+// after the first k, then question; prefix is the text before insert.
+func retrievalText(header string, filler func(int) string, insert, question string, n, k int) (text, prefix string) {
+	parts := make([]string, 0, n+3)
+	if header != "" {
+		parts = append(parts, header)
+	}
 	for i := range k {
 		parts = append(parts, filler(i))
 	}
@@ -100,12 +112,12 @@ func retrievalText(filler func(int) string, insert, question string, n, k int) (
 	return strings.Join(parts, " "), prefix
 }
 
-func buildRetrieval(tok Tokenizer, filler func(int) string, insert, question string, length int, depth float64) (*Prompt, error) {
+func buildRetrieval(tok Tokenizer, header string, filler func(int) string, insert, question string, length int, depth float64) (*Prompt, error) {
 	if !(depth >= 0 && depth <= 1) {
 		return nil, fmt.Errorf("conformance: depth %v must be in [0, 1]", depth)
 	}
 	count := func(n int) (int, error) {
-		text, _ := retrievalText(filler, insert, question, n, before(n, depth))
+		text, _ := retrievalText(header, filler, insert, question, n, before(n, depth))
 		t, err := tok.Tokenize(text, true)
 		return len(t), err
 	}
@@ -157,7 +169,7 @@ func buildRetrieval(tok Tokenizer, filler func(int) string, insert, question str
 		n = lo + 1
 	}
 	k := before(n, depth)
-	text, prefix := retrievalText(filler, insert, question, n, k)
+	text, prefix := retrievalText(header, filler, insert, question, n, k)
 	p := &Prompt{Text: text, Fillers: n, Before: k}
 	if p.Tokens, err = tok.Tokenize(text, true); err != nil {
 		return nil, err
@@ -179,7 +191,14 @@ func buildRetrieval(tok Tokenizer, filler func(int) string, insert, question str
 	if err != nil {
 		return nil, err
 	}
-	p.FillerTokens = len(p.Tokens) - len(bos) - len(ins) - len(q)
+	var hd []int32
+	if header != "" {
+		if hd, err = tok.Tokenize(header, false); err != nil {
+			return nil, err
+		}
+	}
+	p.HeaderTokens = len(hd)
+	p.FillerTokens = len(p.Tokens) - len(bos) - len(hd) - len(ins) - len(q)
 	return p, nil
 }
 

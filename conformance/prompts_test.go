@@ -57,7 +57,7 @@ func TestBuildPasskey(t *testing.T) {
 		for _, s := range conformance.PasskeyFiller {
 			longest = max(longest, count(t, tok, s))
 		}
-		for _, length := range []int{100, 128, 200, 448} {
+		for _, length := range []int{200, 256, 320, 448} {
 			for _, depth := range []float64{0, 0.1, 0.25, 0.5, 0.8, 1} {
 				key := conformance.PasskeyKey(7, length)
 				p, err := conformance.BuildPasskey(tok, length, depth, key)
@@ -66,14 +66,17 @@ func TestBuildPasskey(t *testing.T) {
 				assert.Equal(t, 1, strings.Count(p.Text, conformance.PasskeySentence(key)))
 				assert.Equal(t, 2, strings.Count(p.Text, key))
 				assert.True(t, strings.HasSuffix(p.Text, conformance.PasskeyQuestion))
+				// The published instruction line opens the prompt.
+				require.True(t, strings.HasPrefix(p.Text, conformance.PasskeyInstruction+" "), "%s: %q", name, p.Text[:40])
+				assert.Positive(t, p.HeaderTokens)
 				// The asked length, within one filler sentence.
 				assert.InDelta(t, length, len(p.Tokens), float64(longest), "%s length %d depth %g", name, length, depth)
 				// The asked depth, within one filler sentence of the filler.
 				assert.Equal(t, int(math.Round(depth*float64(p.Fillers))), p.Before)
-				got := float64(p.InsertToken-1) / float64(p.FillerTokens)
+				got := float64(p.InsertToken-1-p.HeaderTokens) / float64(p.FillerTokens)
 				assert.InDelta(t, depth, got, float64(longest)/float64(p.FillerTokens)+1e-9, "%s length %d depth %g", name, length, depth)
 				// Before the key: exactly Before filler sentences.
-				head := p.Text[:strings.Index(p.Text, "The pass key is")]
+				head := p.Text[len(conformance.PasskeyInstruction):strings.Index(p.Text, "The pass key is")]
 				assert.Equal(t, p.Before, strings.Count(head, "."), "%s: sentences before the key", name)
 			}
 		}

@@ -60,7 +60,8 @@ func WriteReport(w io.Writer, res *Results, plots []string, dir string) {
 		fmt.Fprintf(w, ", KL ≤ %.3g nats/token", t.MaxKL)
 	}
 	fmt.Fprintf(w, ", passkey ≥ %.3g × baseline, needle ≥ %.3g × baseline, greedy match ≥ %.3g\n\n", t.MinPasskey, t.MinNeedle, t.MinGreedyMatch)
-	fmt.Fprintf(w, "Verdicts: ✓ within tolerance, ✗ outside, – cannot be judged (n/a: the runtime cannot apply that granularity, "+
+	fmt.Fprintf(w, "Verdicts are judged on %g%% bootstrap intervals over the instances (%d resamples, seeded): ✓ the whole interval within tolerance, ✗ the whole interval outside, ? the interval straddles the tolerance (more samples needed to tell), – cannot be judged", 100*CILevel, bootstrapN(s.Bootstrap))
+	fmt.Fprintf(w, " (n/a: the runtime cannot apply that granularity, "+
 		"or the uncompressed baseline itself fails the task). The baseline runs with no compressor attached; keep 1 must reproduce it exactly. "+
 		"The numbers are what was measured: a policy losing to another on this model is reported as such.\n")
 
@@ -71,8 +72,8 @@ func WriteReport(w io.Writer, res *Results, plots []string, dir string) {
 		}
 		if rr.Sizes != nil {
 			z := rr.Sizes
-			fmt.Fprintf(w, "- sizes: lm %d×(%d prefill + %d scored); passkey/needle lengths %v × depths %v × %d seeds; greedy %d×(%d + %d generated); attention %d×%d\n",
-				z.LMSamples, z.LMPrefill, z.LMScore, z.Lengths, z.Depths, z.Seeds, z.GreedySamples, z.GreedyPrompt, z.GreedyTokens, z.AttentionSamples, z.AttentionLength)
+			fmt.Fprintf(w, "- sizes: lm %d×(%d prefill + %d scored); passkey/needle lengths %v × depths %v × %d seeds; greedy %d×(%d + %d generated); attention %d×(%d prefill + %d decoded)\n",
+				z.LMSamples, z.LMPrefill, z.LMScore, z.Lengths, z.Depths, z.Seeds, z.GreedySamples, z.GreedyPrompt, z.GreedyTokens, z.AttentionSamples, z.AttentionLength, z.AttentionScore)
 		}
 		fmt.Fprintf(w, "- wall time: %.1f s\n", rr.Seconds)
 		if rr.Error != "" {
@@ -80,7 +81,7 @@ func WriteReport(w io.Writer, res *Results, plots []string, dir string) {
 			continue
 		}
 		for _, tr := range rr.Tasks {
-			fmt.Fprintf(w, "\n### %s\n\n", tr.Task)
+			fmt.Fprintf(w, "\n### %s\n\n_%.1f s_\n\n", tr.Task, tr.Seconds)
 			if tr.Status != StatusOK {
 				fmt.Fprintf(w, "**%s:** %s\n", tr.Status, tr.Note)
 				continue
@@ -89,6 +90,8 @@ func WriteReport(w io.Writer, res *Results, plots []string, dir string) {
 				writeAttention(w, tr.Attention)
 			} else {
 				WriteSummary(w, &tr)
+				fmt.Fprintln(w)
+				WriteComparisons(w, &tr)
 				fmt.Fprintln(w)
 				writeDetails(w, &tr)
 			}
@@ -119,6 +122,8 @@ func mark(v string) string {
 		return "✓"
 	case VerdictFail:
 		return "✗"
+	case VerdictUncertain:
+		return "?"
 	}
 	return "–"
 }
@@ -147,15 +152,15 @@ func WriteSummary(w io.Writer, tr *TaskResult) {
 		if !slices.Contains(keeps, r.Keep) {
 			keeps = append(keeps, r.Keep)
 		}
-		if s := (series{r.Policy, r.Granularity}); !slices.Contains(ss, s) {
+		if s := (series{r.Label(), r.Granularity}); !slices.Contains(ss, s) {
 			ss = append(ss, s)
 		}
 	}
 	bv := "—"
 	if base != nil {
-		bv = fmtNum(base.Metrics[metric])
+		bv = fmtNum(base.Metrics[metric]) + fmtCI(base.CI, metric)
 	}
-	fmt.Fprintf(w, "%s by keep ratio (baseline %s):\n\n| policy | granularity |", metric, bv)
+	fmt.Fprintf(w, "%s [%g%% bootstrap interval over the %d instances] by keep ratio (baseline %s):\n\n| policy | granularity |", metric, 100*CILevel, instances(base), bv)
 	for _, k := range keeps {
 		fmt.Fprintf(w, " %g |", k)
 	}
@@ -163,18 +168,91 @@ func WriteSummary(w io.Writer, tr *TaskResult) {
 	for _, s := range ss {
 		fmt.Fprintf(w, "| %s | %s |", s.policy, s.gran)
 		for _, k := range keeps {
-			r := tr.Row(s.policy, s.gran, k)
+			r := tr.labelRow(s.policy, s.gran, k)
 			switch {
 			case r == nil:
 				fmt.Fprint(w, " |")
 			case r.Status != StatusOK:
 				fmt.Fprintf(w, " %s |", r.Status)
 			default:
-				fmt.Fprintf(w, " %s %s |", fmtNum(r.Metrics[metric]), mark(r.Verdict))
+				fmt.Fprintf(w, " %s%s %s |", fmtNum(r.Metrics[metric]), fmtCI(r.CI, metric), mark(r.Verdict))
 			}
 		}
 		fmt.Fprintln(w)
 	}
+}
+
+func instances(r *Row) int {
+	if r == nil {
+		return 0
+	}
+	return len(r.Instances)
+}
+
+// fmtCI formats the interval of a metric as " [lo, hi]" ("" without one).
+func fmtCI(ci map[string]Interval, metric string) string {
+	iv, ok := ci[metric]
+	if !ok || !iv.Valid() {
+		return ""
+	}
+	return fmt.Sprintf(" [%s, %s]", fmtNum(iv.Lo), fmtNum(iv.Hi))
+}
+
+// WriteComparisons writes the paired comparisons of a sweep task: each
+// row's main metric against the baseline and against knorm at the same
+// granularity and keep, with the paired bootstrap interval of the
+// difference and whether it excludes zero.
+func WriteComparisons(w io.Writer, tr *TaskResult) {
+	metric := MainMetric(tr.Task)
+	delta := "Δ" + metric
+	if tr.Task == TaskLM {
+		delta = "relative Δppl"
+	}
+	var lines []string
+	for _, r := range tr.Rows {
+		if r.Baseline || r.Status != StatusOK || r.Keep == 1 {
+			continue
+		}
+		line := fmt.Sprintf("| %s | %s | %g |", r.Label(), r.Granularity, r.Keep)
+		cells := map[string]string{}
+		for _, c := range r.Compare {
+			against := "knorm"
+			if c.Against == "baseline" {
+				against = "baseline"
+			}
+			if strings.HasSuffix(c.Against, " after prefill") {
+				against = "knorm"
+			}
+			cells[against] = fmtDelta(tr.Task, c)
+		}
+		line += fmt.Sprintf(" %s | %s |", orDash(cells["baseline"]), orDash(cells["knorm"]))
+		lines = append(lines, line)
+	}
+	if len(lines) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "Paired comparisons (%s = row − other on the same instances, %g%% paired bootstrap interval; "+
+		"\"not distinguishable\": the interval contains 0):\n\n| policy | granularity | keep | %s vs baseline | %s vs knorm (chunked rows: vs knorm once after prefill) |\n|---|---|---|---|---|\n",
+		delta, 100*CILevel, delta, delta)
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "—"
+	}
+	return s
+}
+
+// fmtDelta formats a comparison: "+2.9% [+1.2%, +4.4%] higher".
+func fmtDelta(task string, c Comparison) string {
+	f := func(n Num) string { return fmt.Sprintf("%+.3g", float64(n)) }
+	if task == TaskLM {
+		f = func(n Num) string { return fmt.Sprintf("%+.2f%%", 100*float64(n)) }
+	}
+	return fmt.Sprintf("%s [%s, %s] %s", f(c.Delta), f(c.CI.Lo), f(c.CI.Hi), c.Verdict)
 }
 
 func writeDetails(w io.Writer, tr *TaskResult) {
@@ -190,10 +268,13 @@ func writeDetails(w io.Writer, tr *TaskResult) {
 		cols = []string{"match_rate", "first_divergence"}
 	}
 	cols = append(cols, "identical", "kept_entries", "kept_positions")
+	if slices.ContainsFunc(tr.Rows, func(r Row) bool { return r.Mode != "" }) {
+		cols = append(cols, chunkedMetrics...)
+	}
 	fmt.Fprintf(w, "<details><summary>every row</summary>\n\n| policy | granularity | keep | %s | verdict | note |\n|---|---|---|%s---|---|\n",
 		strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
 	for _, r := range tr.Rows {
-		fmt.Fprintf(w, "| %s | %s | %g |", r.Policy, r.Granularity, r.Keep)
+		fmt.Fprintf(w, "| %s | %s | %g |", r.Label(), r.Granularity, r.Keep)
 		for _, c := range cols {
 			if r.Status != StatusOK {
 				fmt.Fprint(w, " |")
@@ -217,11 +298,29 @@ func writeAttention(w io.Writer, a *AttentionResult) {
 	if a == nil {
 		return
 	}
-	fmt.Fprintf(w, "Uncompressed model, %d samples of %d tokens. ρ: Spearman correlation, per KV head, between a position's key L2 norm and the mean attention it receives from later queries (negative: low-norm keys receive more). "+
-		"Low-half share: mean share of a query's attention on the lowest-norm half of the keys it sees (uniform attention would give the last column).\n\n", a.Samples, a.Length)
-	fmt.Fprintf(w, "| layer | ρ mean | ρ per KV head | low-half share | per KV head | uniform share |\n|---|---|---|---|---|---|\n")
-	for _, l := range a.Layers {
-		fmt.Fprintf(w, "| %d | %s | %s | %s | %s | %s |\n", l.Layer, fmtNum(l.Spearman), fmtNums(l.HeadSpearman), fmtNum(l.ShareLowHalf), fmtNums(l.HeadShareLowHalf), fmtNum(l.ShareUniform))
+	fmt.Fprintf(w, "Uncompressed model, %d samples, each a prefill of %d tokens then %d teacher-forced continuation tokens. "+
+		"ρ: Spearman correlation, per KV head, between a key's L2 norm and the mean attention it receives (negative: low-norm keys receive more), "+
+		"averaged over KV heads, with a %g%% bootstrap interval over samples. "+
+		"Low-half share: mean share of a query's attention (among the keys counted) on their lowest-norm half; uniform attention would give the last column.\n\n",
+		a.Samples, a.Length, a.Decode, 100*CILevel)
+	for _, m := range []struct {
+		title  string
+		layers []LayerAttention
+	}{
+		{"Decoding phase (Devoto et al.'s measure): the continuation's queries, attending to the prefill's keys", a.Layers},
+		{"Prompt-internal: every prefill query, attending to the earlier prefill keys", a.Prompt},
+	} {
+		if len(m.layers) == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "**%s**\n\n", m.title)
+		fmt.Fprintf(w, "| layer | ρ mean [CI] | ρ per KV head | low-half share [CI] | per KV head | uniform share |\n|---|---|---|---|---|---|\n")
+		for _, l := range m.layers {
+			fmt.Fprintf(w, "| %d | %s [%s, %s] | %s | %s [%s, %s] | %s | %s |\n", l.Layer,
+				fmtNum(l.Spearman), fmtNum(l.SpearmanCI.Lo), fmtNum(l.SpearmanCI.Hi), fmtNums(l.HeadSpearman),
+				fmtNum(l.ShareLowHalf), fmtNum(l.ShareLowHalfCI.Lo), fmtNum(l.ShareLowHalfCI.Hi), fmtNums(l.HeadShareLowHalf), fmtNum(l.ShareUniform))
+		}
+		fmt.Fprintln(w)
 	}
 }
 

@@ -56,6 +56,7 @@ type Settings struct {
 	Keeps         []float64  `json:"keeps"`
 	BasePolicy    string     `json:"base_policy"`
 	Seed          uint64     `json:"seed"`
+	Bootstrap     int        `json:"bootstrap"`
 	Quick         bool       `json:"quick"`
 	Tolerances    Tolerances `json:"tolerances"`
 }
@@ -64,6 +65,8 @@ type Settings struct {
 type RuntimeResult struct {
 	Runtime string            `json:"runtime"`
 	Info    *hooks.EngineInfo `json:"info,omitempty"`
+	// Shape is the runtime's cache shape (what one entry costs).
+	Shape *hooks.CacheShape `json:"shape,omitempty"`
 	// Error is set when the runtime could not be opened or failed as a whole.
 	Error   string       `json:"error,omitempty"`
 	Sizes   *Sizes       `json:"sizes,omitempty"`
@@ -83,6 +86,9 @@ const (
 	VerdictPass = "pass"
 	VerdictFail = "FAIL"
 	VerdictNA   = "n/a"
+	// VerdictUncertain: the interval straddles the tolerance; more samples
+	// would be needed to tell.
+	VerdictUncertain = "uncertain"
 )
 
 // TaskResult is one task on one runtime.
@@ -117,11 +123,20 @@ type Row struct {
 	Policy      string  `json:"policy"`
 	Granularity string  `json:"granularity"`
 	Keep        float64 `json:"keep"`
-	Status      string  `json:"status"`
-	Note        string  `json:"note,omitempty"`
-	Metrics     Metrics `json:"metrics,omitempty"`
-	Verdict     string  `json:"verdict,omitempty"`
-	Reason      string  `json:"reason,omitempty"`
+	// Mode is "" for compression once after prefill, ModeChunked for
+	// compression under pressure while the prompt is decoded into a cache
+	// smaller than it.
+	Mode    string  `json:"mode,omitempty"`
+	Status  string  `json:"status"`
+	Note    string  `json:"note,omitempty"`
+	Metrics Metrics `json:"metrics,omitempty"`
+	// CI holds the bootstrap interval of each metric that has one.
+	CI map[string]Interval `json:"ci,omitempty"`
+	// Compare are paired comparisons of the task's main metric with the
+	// baseline and with knorm at the same granularity and keep.
+	Compare []Comparison `json:"compare,omitempty"`
+	Verdict string       `json:"verdict,omitempty"`
+	Reason  string       `json:"reason,omitempty"`
 	// Instances are the per-instance metrics, in Inputs order.
 	Instances []InstanceResult `json:"instances,omitempty"`
 }
@@ -135,34 +150,76 @@ type InstanceResult struct {
 }
 
 // AttentionResult is the attention analysis of one runtime: how the key norm
-// of a position relates to the attention it receives.
+// of a position relates to the attention it receives, on the uncompressed
+// model. Each sample is a prefill of Length tokens followed by Decode
+// teacher-forced continuation tokens.
 type AttentionResult struct {
-	Samples int              `json:"samples"`
-	Length  int              `json:"length"`
-	Layers  []LayerAttention `json:"layers"`
+	Samples int `json:"samples"`
+	Length  int `json:"length"`
+	Decode  int `json:"decode"`
+	// Layers is the decoding-phase measure, Devoto et al.'s: the attention
+	// the Decode queries after the prefill give to the prefill's keys.
+	Layers []LayerAttention `json:"layers"`
+	// Prompt is the prompt-internal measure: the attention each prefill key
+	// receives from the later prefill queries.
+	Prompt []LayerAttention `json:"prompt"`
 }
 
 // LayerAttention is the analysis of one layer.
 type LayerAttention struct {
 	Layer int `json:"layer"`
 	// Spearman is the mean over KV heads (and samples) of the rank
-	// correlation between a position's key norm and the mean attention it
-	// receives from later queries. Negative: low-norm keys get more.
-	Spearman     Num   `json:"spearman"`
-	HeadSpearman []Num `json:"head_spearman"`
-	// ShareLowHalf is the mean share of a query's attention that falls on
-	// the lowest-norm half of the keys it sees; ShareUniform is that share
-	// under uniform attention (just under 0.5 for odd key counts).
-	ShareLowHalf     Num   `json:"share_low_half"`
-	HeadShareLowHalf []Num `json:"head_share_low_half"`
-	ShareUniform     Num   `json:"share_uniform"`
+	// correlation between a key's L2 norm and the mean attention it
+	// receives from the queries counted. Negative: low-norm keys get more.
+	// SpearmanCI is its bootstrap interval over samples.
+	Spearman     Num      `json:"spearman"`
+	SpearmanCI   Interval `json:"spearman_ci"`
+	HeadSpearman []Num    `json:"head_spearman"`
+	// ShareLowHalf is the mean share of a query's attention (among the keys
+	// counted) that falls on the lowest-norm half of those keys;
+	// ShareUniform is that share under uniform attention (just under 0.5
+	// for odd key counts).
+	ShareLowHalf     Num      `json:"share_low_half"`
+	ShareLowHalfCI   Interval `json:"share_low_half_ci"`
+	HeadShareLowHalf []Num    `json:"head_share_low_half"`
+	ShareUniform     Num      `json:"share_uniform"`
 }
 
-// Row returns the row of a task for a policy, granularity and keep, or nil.
+// ModeChunked marks rows compressed under pressure (see Row.Mode).
+const ModeChunked = "chunked"
+
+// Label is the row's policy as the tables show it ("knorm chunked" for a
+// chunked row).
+func (r *Row) Label() string {
+	if r.Mode != "" {
+		return r.Policy + " " + r.Mode
+	}
+	return r.Policy
+}
+
+// Row returns the row of a task compressed after prefill for a policy,
+// granularity and keep, or nil.
 func (t *TaskResult) Row(policy, granularity string, keep float64) *Row {
+	return t.ModeRow("", policy, granularity, keep)
+}
+
+// ModeRow returns the row of a task for a mode, policy, granularity and
+// keep, or nil.
+func (t *TaskResult) ModeRow(mode, policy, granularity string, keep float64) *Row {
 	for i := range t.Rows {
 		r := &t.Rows[i]
-		if r.Policy == policy && r.Granularity == granularity && r.Keep == keep {
+		if r.Mode == mode && r.Policy == policy && r.Granularity == granularity && r.Keep == keep {
+			return r
+		}
+	}
+	return nil
+}
+
+// labelRow returns the row whose Label is label, or nil.
+func (t *TaskResult) labelRow(label, granularity string, keep float64) *Row {
+	for i := range t.Rows {
+		r := &t.Rows[i]
+		if !r.Baseline && r.Label() == label && r.Granularity == granularity && r.Keep == keep {
 			return r
 		}
 	}

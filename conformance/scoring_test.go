@@ -65,32 +65,32 @@ func TestJudge(t *testing.T) {
 	row := func(keep float64, m Metrics) *Row { return &Row{Keep: keep, Status: StatusOK, Metrics: m} }
 
 	r := row(0.5, Metrics{"ppl": 4.03, "identical": 0})
-	judge(TaskLM, r, base, tol)
+	judge(TaskLM, r, base, tol, nil)
 	assert.Equal(t, VerdictPass, r.Verdict)
 	assert.InDelta(t, 0.0075, float64(r.Metrics["ppl_increase"]), 1e-12)
 	r = row(0.5, Metrics{"ppl": 4.1, "identical": 0})
-	judge(TaskLM, r, base, tol)
+	judge(TaskLM, r, base, tol, nil)
 	assert.Equal(t, VerdictFail, r.Verdict)
 	r = row(1, Metrics{"ppl": 4, "identical": 0})
-	judge(TaskLM, r, base, tol)
+	judge(TaskLM, r, base, tol, nil)
 	assert.Equal(t, VerdictFail, r.Verdict, "keep 1 must be identical")
 
 	r = row(0.5, Metrics{"accuracy": 0.76, "identical": 0})
-	judge(TaskPasskey, r, base, tol)
+	judge(TaskPasskey, r, base, tol, nil)
 	assert.Equal(t, VerdictPass, r.Verdict)
 	r = row(0.5, Metrics{"accuracy": 0.7, "identical": 0})
-	judge(TaskPasskey, r, base, tol)
+	judge(TaskPasskey, r, base, tol, nil)
 	assert.Equal(t, VerdictFail, r.Verdict)
 	zero := &Row{Baseline: true, Status: StatusOK, Metrics: Metrics{"accuracy": 0}}
 	r = row(0.5, Metrics{"accuracy": 0, "identical": 0})
-	judge(TaskNeedle, r, zero, tol)
+	judge(TaskNeedle, r, zero, tol, nil)
 	assert.Equal(t, VerdictNA, r.Verdict, "a baseline that retrieves nothing cannot judge")
 
 	r = row(0.5, Metrics{"match_rate": 0.95, "identical": 0})
-	judge(TaskGreedy, r, base, tol)
+	judge(TaskGreedy, r, base, tol, nil)
 	assert.Equal(t, VerdictPass, r.Verdict)
 	r = &Row{Keep: 0.5, Status: StatusNA}
-	judge(TaskGreedy, r, base, tol)
+	judge(TaskGreedy, r, base, tol, nil)
 	assert.Equal(t, VerdictNA, r.Verdict)
 }
 
@@ -101,7 +101,7 @@ func TestAttentionAccumulator(t *testing.T) {
 	obs := newNormObserver(shape)
 	require.NoError(t, obs.ObserveKeys(&hooks.KeyBatch{Layer: 0, Seqs: []hooks.SeqID{0, 0, 0}, Positions: []hooks.Pos{0, 1, 2},
 		DType: kernels.F32, Keys: hooks.F32Bytes([]float32{-3, 1, 2})}))
-	acc := newAttnAccumulator(obs)
+	acc := newAttnAccumulator(obs, 0, math.MaxInt32, math.MaxInt32)
 	// [head][query][cell]: one row per (head, query).
 	w := []float32{
 		1, 0, 0, // head 0
@@ -121,6 +121,18 @@ func TestAttentionAccumulator(t *testing.T) {
 	// 2 sees 3 keys, low = pos 1: 0.5, 0.6. Mean 0.5875. Uniform: 1/2, 1/3.
 	assert.InDelta(t, 0.5875, share[0], 1e-6)
 	assert.InDelta(t, (0.5+1.0/3)/2, uni[0], 1e-12)
+
+	// The decoding-phase measure with a prompt of 2 (positions 0, 1): only
+	// query 2 counts, on keys 0 and 1 only, its weights renormalised.
+	dec := newAttnAccumulator(obs, 2, math.MaxInt32, 2)
+	require.NoError(t, dec.add(&AttentionBatch{Layer: 0, Seq: 0, Queries: []hooks.Pos{0, 1, 2}, Heads: 2, KVHeads: 1,
+		Cells: [][]hooks.Pos{{0, 1, 2}}, Weights: w}))
+	rho, share, uni = dec.result()
+	// Received: pos 0 mean(0.2, 0.1) = 0.15, pos 1 mean(0.5, 0.6) = 0.55;
+	// norms 3, 1: ρ = -1. Low half = pos 1: 0.5/0.7 and 0.6/0.7.
+	assert.InDelta(t, -1, rho[0], 1e-12)
+	assert.InDelta(t, (0.5/0.7+0.6/0.7)/2, share[0], 1e-6)
+	assert.InDelta(t, 0.5, uni[0], 1e-12)
 
 	bad := &AttentionBatch{Layer: 0, Queries: []hooks.Pos{3}, Heads: 2, KVHeads: 1, Cells: [][]hooks.Pos{{3}}, Weights: []float32{1, 1}}
 	bad.Cells[0] = []hooks.Pos{0}

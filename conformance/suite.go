@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"time"
 
 	"github.com/kvnorm/kvnorm/adapter"
@@ -36,7 +37,7 @@ func Run(ctx context.Context, cfg Config) (*Results, error) {
 
 func settings(cfg *Config) Settings {
 	s := Settings{Model: cfg.Model, Tokenizer: cfg.Tokenizer, Tasks: cfg.Tasks, Keeps: cfg.Keeps,
-		Seed: cfg.Seed, Quick: cfg.Quick, Tolerances: cfg.Tolerances, Text: "sampled from the model under test (temperature 1, fixed seeds)"}
+		Seed: cfg.Seed, Bootstrap: bootstrapN(cfg.Bootstrap), Quick: cfg.Quick, Tolerances: cfg.Tolerances, Text: "sampled from the model under test (temperature 1, fixed seeds)"}
 	if cfg.Text != "" {
 		s.Text = cfg.TextName
 		if s.Text == "" {
@@ -79,6 +80,7 @@ func (c *Config) variants() []variant {
 type runner struct {
 	ctx   context.Context
 	cfg   *Config
+	rt    Runtime
 	name  string
 	eng   hooks.Engine
 	sizes Sizes
@@ -107,7 +109,9 @@ func runRuntime(ctx context.Context, cfg *Config, rt Runtime) (rr RuntimeResult)
 	defer eng.Close()
 	info := eng.Info()
 	rr.Info = &info
-	sizes := DefaultSizes(info.Context, cfg.Quick)
+	shape := eng.CacheShape()
+	rr.Shape = &shape
+	sizes := cfg.Overrides.Apply(DefaultSizes(info.Context, cfg.Quick))
 	if cfg.Sizes != nil {
 		sizes = *cfg.Sizes
 	}
@@ -120,7 +124,7 @@ func runRuntime(ctx context.Context, cfg *Config, rt Runtime) (rr RuntimeResult)
 		return rr
 	}
 	rr.Sizes = &sizes
-	r := &runner{ctx: ctx, cfg: cfg, name: rt.Name, eng: eng, sizes: sizes}
+	r := &runner{ctx: ctx, cfg: cfg, rt: rt, name: rt.Name, eng: eng, sizes: sizes}
 	r.prog = newProgress(cfg.Progress, cfg.Terminal, rt.Name, r.estimate())
 	defer r.prog.finish()
 	if r.corp, err = newCorpus(eng, cfg.Seed, r.corpusLength(), cfg.Text); err != nil {
@@ -157,7 +161,7 @@ func (r *runner) corpusLength() int {
 		case TaskGreedy:
 			n = max(n, s.GreedyPrompt)
 		case TaskAttention:
-			n = max(n, s.AttentionLength)
+			n = max(n, s.AttentionLength+s.AttentionScore)
 		case TaskNeedle:
 			for _, l := range s.Lengths {
 				n = max(n, l)
@@ -194,18 +198,26 @@ func (r *runner) estimate() float64 {
 	if r.cfg.Text == "" {
 		total += float64(r.samplesNeeded() * r.corpusLength())
 	}
+	chunked := 0.0
+	if r.cfg.Chunked && slices.Contains(r.cfg.Methods, adapter.KNorm) {
+		for _, k := range r.cfg.Keeps {
+			if k < 1 {
+				chunked += float64(len(r.cfg.Granularities))
+			}
+		}
+	}
 	for _, t := range r.cfg.Tasks {
 		switch t {
 		case TaskLM:
-			total += runs * float64(s.LMSamples*(s.LMPrefill+s.LMScore))
+			total += (runs + chunked) * float64(s.LMSamples*(s.LMPrefill+s.LMScore))
 		case TaskPasskey, TaskNeedle:
 			for _, l := range s.Lengths {
 				total += runs * float64(len(s.Depths)*s.Seeds*(l+8))
 			}
 		case TaskGreedy:
-			total += runs * float64(s.GreedySamples*(s.GreedyPrompt+s.GreedyTokens))
+			total += (runs + chunked) * float64(s.GreedySamples*(s.GreedyPrompt+s.GreedyTokens))
 		case TaskAttention:
-			total += float64(s.AttentionSamples * s.AttentionLength)
+			total += float64(s.AttentionSamples * (s.AttentionLength + s.AttentionScore))
 		}
 	}
 	return total
@@ -339,7 +351,13 @@ func (r *runner) retrieval(task string, length int, depth float64, seed, idx int
 // run runs one instance, compressed by pol after prefill (nil: baseline, no
 // compressor attached at all).
 func (r *runner) run(in *instance, pol *adapter.Policy) (*output, error) {
-	e := r.eng
+	return r.runOn(r.eng, in, pol, false)
+}
+
+// runOn runs one instance on engine e. chunked: the engine's cache is
+// smaller than the prompt and pol compresses under pressure; what is kept is
+// measured once the prompt is in.
+func (r *runner) runOn(e hooks.Engine, in *instance, pol *adapter.Policy, chunked bool) (*output, error) {
 	e.SetObserver(nil)
 	if err := e.RemoveSequence(runSeq); err != nil {
 		return nil, err
@@ -368,6 +386,16 @@ func (r *runner) run(in *instance, pol *adapter.Policy) (*output, error) {
 	}
 	if len(rows) == 0 {
 		return nil, errors.New("prefill returned no logits")
+	}
+	if chunked {
+		pos, ent, err := e.Live(runSeq)
+		if err != nil {
+			return nil, err
+		}
+		sh := e.CacheShape()
+		n := float64(len(in.prompt))
+		out.kept["kept_positions"] = Num(float64(pos) / n)
+		out.kept["kept_entries"] = Num(float64(ent) / (n * float64(sh.Layers*sh.KVHeads)))
 	}
 	last := rows[len(rows)-1]
 	if in.cont != nil {
@@ -472,6 +500,11 @@ func aggregate(task string, insts []InstanceResult) Metrics {
 		return Num(meanFinite(v))
 	}
 	m := Metrics{"kept_entries": mean("kept_entries"), "kept_positions": mean("kept_positions"), "identical": mean("identical")}
+	if len(insts) > 0 {
+		if _, ok := insts[0].Metrics["cache_fraction"]; ok {
+			m["cache_fraction"] = mean("cache_fraction")
+		}
+	}
 	switch task {
 	case TaskLM:
 		m["loss"] = mean("loss")
@@ -507,8 +540,114 @@ func MainMetric(task string) string {
 	return ""
 }
 
-// judge sets a row's verdict against the tolerances.
-func judge(task string, row, base *Row, tol Tolerances) {
+// instanceKey maps a row metric to the per-instance metric it averages.
+func instanceKey(metric string) string {
+	switch metric {
+	case "accuracy":
+		return "correct"
+	case "digit_accuracy":
+		return "digits"
+	}
+	return metric
+}
+
+// ciMetrics are the metrics of a task that get a bootstrap interval.
+func ciMetrics(task string) []string {
+	switch task {
+	case TaskLM:
+		return []string{"ppl", "kl", "top1"}
+	case TaskPasskey:
+		return []string{"accuracy", "digit_accuracy", "match_rate"}
+	case TaskNeedle:
+		return []string{"accuracy", "match_rate"}
+	case TaskGreedy:
+		return []string{"match_rate", "first_divergence"}
+	}
+	return nil
+}
+
+// chunkedMetrics are the extra metrics of chunked rows.
+var chunkedMetrics = []string{"cache_fraction"}
+
+// values returns a row's per-instance values of an instance metric.
+func (r *Row) values(key string) []float64 {
+	v := make([]float64, len(r.Instances))
+	for i, in := range r.Instances {
+		x, ok := in.Metrics[key]
+		if !ok {
+			x = Num(math.NaN())
+		}
+		v[i] = float64(x)
+	}
+	return v
+}
+
+// compareMain compares the main metric of row with other's on the same
+// instances (ppl as a relative increase of exp(mean loss)).
+func compareMain(task string, rs *resampler, row, other *Row, against string) Comparison {
+	metric := MainMetric(task)
+	key, rel := instanceKey(metric), false
+	if task == TaskLM {
+		key, rel = "loss", true
+	}
+	d, iv, v := rs.pairedDiff(row.values(key), other.values(key), rel)
+	return Comparison{Against: against, Metric: metric, Delta: d, CI: iv, Verdict: v}
+}
+
+// addIntervals sets the bootstrap intervals and paired comparisons of every
+// row of a task whose instances match the baseline's.
+func addIntervals(task string, rows []Row, base *Row, rs *resampler) {
+	n := len(base.Instances)
+	ok := func(r *Row) bool { return r != nil && r.Status == StatusOK && len(r.Instances) == n && n > 0 }
+	find := func(policy, gran string, keep float64) *Row {
+		for i := range rows {
+			if r := &rows[i]; !r.Baseline && r.Mode == "" && r.Policy == policy && r.Granularity == gran && r.Keep == keep {
+				return r
+			}
+		}
+		return nil
+	}
+	for i := range rows {
+		r := &rows[i]
+		if !ok(r) {
+			continue
+		}
+		r.CI = map[string]Interval{}
+		for _, m := range ciMetrics(task) {
+			if m == "ppl" {
+				r.CI[m] = rs.pplCI(r.values("loss"))
+			} else {
+				r.CI[m] = rs.meanCI(r.values(instanceKey(m)))
+			}
+		}
+		if r.Baseline {
+			continue
+		}
+		if task == TaskLM {
+			_, r.CI["ppl_increase"], _ = rs.pairedDiff(r.values("loss"), base.values("loss"), true)
+		}
+		r.Compare = append(r.Compare, compareMain(task, rs, r, base, "baseline"))
+		if kn := find(adapter.KNorm.String(), r.Granularity, r.Keep); (r.Mode != "" || r.Policy != kn.policyName()) && ok(kn) {
+			against := kn.Policy
+			if r.Mode != "" {
+				against = kn.Policy + " after prefill"
+			}
+			r.Compare = append(r.Compare, compareMain(task, rs, r, kn, against))
+		}
+	}
+}
+
+func (r *Row) policyName() string {
+	if r == nil {
+		return ""
+	}
+	return r.Policy
+}
+
+// judge sets a row's verdict against the tolerances: pass when the row's
+// interval lies within the tolerance, FAIL when it lies outside, uncertain
+// when it straddles it.
+func judge(task string, row, base *Row, tol Tolerances, rs *resampler) {
 	if row.Status != StatusOK || base == nil || base.Status != StatusOK {
 		row.Verdict = VerdictNA
 		return
@@ -521,16 +660,31 @@ func judge(task string, row, base *Row, tol Tolerances) {
 		row.Verdict, row.Reason = VerdictFail, "keep 1 must reproduce the baseline exactly and does not: a bug in the runtime or the adapter"
 		return
 	}
+	// within judges an interval against a bound: inside when the interval
+	// lies on the good side of it.
+	type check struct {
+		name     string
+		iv       Interval
+		bound    float64
+		upper    bool // the value must stay <= bound (else >= bound)
+		point    float64
+		describe string
+	}
+	var checks []check
+	ci := func(k string) Interval {
+		if iv, ok := row.CI[k]; ok && iv.Valid() {
+			return iv
+		}
+		v := Num(m[k])
+		return Interval{v, v}
+	}
 	switch task {
 	case TaskLM:
-		inc := float64(m["ppl_increase"])
-		switch {
-		case !(inc <= tol.MaxPPLIncrease):
-			row.Verdict, row.Reason = VerdictFail, fmt.Sprintf("perplexity +%.2f%% > +%.2f%%", 100*inc, 100*tol.MaxPPLIncrease)
-		case tol.MaxKL > 0 && !(float64(m["kl"]) <= tol.MaxKL):
-			row.Verdict, row.Reason = VerdictFail, fmt.Sprintf("KL %.4g > %.4g nats/token", float64(m["kl"]), tol.MaxKL)
-		default:
-			row.Verdict = VerdictPass
+		checks = append(checks, check{"perplexity", ci("ppl_increase"), tol.MaxPPLIncrease, true, float64(m["ppl_increase"]),
+			fmt.Sprintf("perplexity %+.2f%% [%+.2f%%, %+.2f%%] vs ≤ +%.2f%%", 100*float64(m["ppl_increase"]), 100*float64(ci("ppl_increase").Lo), 100*float64(ci("ppl_increase").Hi), 100*tol.MaxPPLIncrease)})
+		if tol.MaxKL > 0 {
+			checks = append(checks, check{"KL", ci("kl"), tol.MaxKL, true, float64(m["kl"]),
+				fmt.Sprintf("KL %.4g [%.4g, %.4g] vs ≤ %.4g nats/token", float64(m["kl"]), float64(ci("kl").Lo), float64(ci("kl").Hi), tol.MaxKL)})
 		}
 	case TaskPasskey, TaskNeedle:
 		min := tol.MinPasskey
@@ -538,19 +692,37 @@ func judge(task string, row, base *Row, tol Tolerances) {
 			min = tol.MinNeedle
 		}
 		acc, bacc := float64(m["accuracy"]), float64(b["accuracy"])
-		switch {
-		case bacc == 0:
+		if bacc == 0 {
 			row.Verdict, row.Reason = VerdictNA, "the baseline retrieves nothing: accuracy cannot be judged on this model"
-		case acc >= min*bacc:
-			row.Verdict = VerdictPass
-		default:
-			row.Verdict, row.Reason = VerdictFail, fmt.Sprintf("accuracy %.3g < %.3g × baseline %.3g", acc, min, bacc)
+			return
 		}
+		// Paired: accuracy − min × baseline accuracy on the same prompts.
+		iv := Interval{Num(acc - min*bacc), Num(acc - min*bacc)}
+		if rs != nil && len(row.Instances) == len(base.Instances) {
+			a, c := row.values("correct"), base.values("correct")
+			iv = rs.interval(func(ix []int) float64 { return meanAt(a, ix) - min*meanAt(c, ix) })
+		}
+		checks = append(checks, check{"accuracy", iv, 0, false, acc - min*bacc,
+			fmt.Sprintf("accuracy %.3g vs ≥ %.3g × baseline %.3g (paired difference [%+.3g, %+.3g])", acc, min, bacc, float64(iv.Lo), float64(iv.Hi))})
 	case TaskGreedy:
-		if mr := float64(m["match_rate"]); mr >= tol.MinGreedyMatch {
-			row.Verdict = VerdictPass
+		checks = append(checks, check{"match rate", ci("match_rate"), tol.MinGreedyMatch, false, float64(m["match_rate"]),
+			fmt.Sprintf("match rate %.3g [%.3g, %.3g] vs ≥ %.3g", float64(m["match_rate"]), float64(ci("match_rate").Lo), float64(ci("match_rate").Hi), tol.MinGreedyMatch)})
+	}
+	row.Verdict = VerdictPass
+	for _, c := range checks {
+		lo, hi := float64(c.iv.Lo), float64(c.iv.Hi)
+		var inside, outside bool
+		if c.upper {
+			inside, outside = hi <= c.bound, !(lo <= c.bound)
 		} else {
-			row.Verdict, row.Reason = VerdictFail, fmt.Sprintf("match rate %.3g < %.3g", mr, tol.MinGreedyMatch)
+			inside, outside = lo >= c.bound, !(hi >= c.bound)
+		}
+		switch {
+		case outside:
+			row.Verdict, row.Reason = VerdictFail, c.describe
+			return
+		case !inside:
+			row.Verdict, row.Reason = VerdictUncertain, c.describe+": the interval straddles the tolerance"
 		}
 	}
 }
@@ -586,6 +758,8 @@ func (r *runner) runSweep(task string) TaskResult {
 		}
 		pols[i] = &p
 	}
+	ch := r.chunkedVariants(task)
+	defer ch.close()
 	for ii := range insts {
 		in := &insts[ii]
 		if r.ctx.Err() != nil {
@@ -617,19 +791,31 @@ func (r *runner) runSweep(task string) TaskResult {
 			}
 			row.Instances = append(row.Instances, score(task, in, bout, out))
 		}
+		ch.run(r, task, ii, in, bout, label)
 	}
+	rows = append(rows, ch.rows...)
+	tr.Rows = finishRows(task, base, rows, r.cfg.Tolerances, r.cfg.Bootstrap, mix(r.cfg.Seed, strHash(task), 0xc1))
+	return tr
+}
+
+// finishRows aggregates the baseline and every row over their instances,
+// adds bootstrap intervals and paired comparisons (one seeded resampler for
+// the task), judges every row and returns the baseline first.
+func finishRows(task string, base Row, rows []Row, tol Tolerances, bootstrap int, seed uint64) []Row {
 	base.Metrics = aggregate(task, base.Instances)
 	if task == TaskLM {
 		base.Metrics["ppl_increase"] = 0
 	}
-	tr.Rows = append(tr.Rows, base)
 	for i := range rows {
-		row := &rows[i]
-		if row.Status == StatusOK {
-			row.Metrics = aggregate(task, row.Instances)
+		if rows[i].Status == StatusOK {
+			rows[i].Metrics = aggregate(task, rows[i].Instances)
 		}
-		judge(task, row, &base, r.cfg.Tolerances)
-		tr.Rows = append(tr.Rows, *row)
 	}
-	return tr
+	all := append([]Row{base}, rows...)
+	rs := newResampler(len(base.Instances), bootstrap, seed)
+	addIntervals(task, all, &all[0], rs)
+	for i := range all[1:] {
+		judge(task, &all[1+i], &all[0], tol, rs)
+	}
+	return all
 }
