@@ -129,7 +129,8 @@ func (c *Cache) pressure(seq int, s *seqCells, k int) error {
 			}
 		}
 		if over {
-			target := min(c.comp.Policy().Target(int(s.last()+1)), c.squeezed-k)
+			p := c.comp.Policy()
+			target := min(p.Target(int(s.last()+1)), p.Target(c.shape.Capacity), c.squeezed-k)
 			if err := wrap(c.compressTo(seq, max(target, 0), "pressure")); err != nil {
 				return err
 			}

@@ -156,6 +156,7 @@ type layout struct {
 	layers, kvHeads int
 	slabCells       []int // per layer
 	capacity        []int // per layer: cells a sequence may use (<= slabCells)
+	pad             int   // the backend's padding of attended ranges
 	owner           []int // slab -> sequence, -1 when free
 	seqs            map[int]*seqCells
 }
@@ -163,7 +164,7 @@ type layout struct {
 // newLayout returns the bookkeeping of slabs sequence slots whose layer l
 // holds capacity[l] cells, padded to slabCells[l].
 func newLayout(layers, kvHeads, slabs int, slabCells, capacity []int) *layout {
-	l := &layout{layers: layers, kvHeads: kvHeads, slabCells: slabCells, capacity: capacity,
+	l := &layout{layers: layers, kvHeads: kvHeads, slabCells: slabCells, capacity: capacity, pad: 1,
 		owner: make([]int, slabs), seqs: map[int]*seqCells{}}
 	for i := range l.owner {
 		l.owner[i] = -1
@@ -206,8 +207,9 @@ func (l *layout) free(seq int) {
 // slabStart is the first cell of a slab in layer li.
 func (l *layout) slabStart(slab, li int) int { return slab * l.slabCells[li] }
 
-// total is the number of cells of layer li's tensors.
-func (l *layout) total(li int) int { return len(l.owner) * l.slabCells[li] }
+// total is the number of cells of layer li's tensors: every slot's slab,
+// padded to a multiple of pad.
+func (l *layout) total(li int) int { return roundUp(len(l.owner)*l.slabCells[li], l.pad) }
 
 // room returns, per layer, how many more cells s may use.
 func (l *layout) room(s *seqCells) []int {
@@ -401,7 +403,8 @@ func prefixOf(lc *layerCells, end int32) (out layerCells, exact bool) {
 }
 
 // rangeFor returns the cells [lo, lo+length) that a batch touching the given
-// sequences attends over in layer li, padded to a multiple of pad.
+// sequences attends over in layer li: from a multiple of pad, padded to a
+// multiple of pad (cells of other sequences in between are masked).
 func (l *layout) rangeFor(seqs []*seqCells, li, pad int) (lo, length int) {
 	total := l.total(li)
 	lo, hi := math.MaxInt, 0
@@ -412,6 +415,9 @@ func (l *layout) rangeFor(seqs []*seqCells, li, pad int) (lo, length int) {
 	}
 	if lo == math.MaxInt {
 		return 0, 0
+	}
+	if pad > 1 {
+		lo -= lo % pad
 	}
 	length = max(hi-lo, 1)
 	length = min(roundUp(length, pad), total-lo)
