@@ -282,6 +282,8 @@ func (c *Cache) Init(backend ml.Backend, dtype ml.DType, maxSequences, capacity,
 	comp.OnStats(c.recordStats)
 	c.comp = comp
 	caps = c.policyCells(capacity, maxBatch)
+	c.log.Info("kvnorm: KV cache sized by the policy", "arch", c.opts.Arch, "num_ctx", capacity, "num_batch", maxBatch,
+		"slots", maxSequences, "cells_per_layer", fmt.Sprint(caps))
 }
 
 // policyCells returns the cells per slot of every layer under the policy.

@@ -109,7 +109,6 @@ func TestForkAllocation(t *testing.T) {
 		{"keep=0.5", []string{"OLLAMA_KV_NORM_KEEP=0.5"}, (2*4096 + 2*2560) / 16384.0},
 		{"keep=0.25", []string{"OLLAMA_KV_NORM_KEEP=0.25"}, (2*4096 + 2*1536) / 16384.0},
 		{"keep=0.5/skip=none", []string{"OLLAMA_KV_NORM_KEEP=0.5", "OLLAMA_KV_NORM_SKIP_LAYERS=none"}, 2560 / 4096.0},
-		{"keep=0.5/q8_0", []string{"OLLAMA_KV_NORM_KEEP=0.5", "OLLAMA_KV_CACHE_TYPE=q8_0", "OLLAMA_FLASH_ATTENTION=1"}, (2*4096 + 2*2560) / 16384.0},
 	}
 	var off float64
 	var offPS int64
@@ -130,12 +129,8 @@ func TestForkAllocation(t *testing.T) {
 			}
 			require.NotZero(t, off)
 			// Norms: 4 bytes per (cell, head) beside 2×16×2 bytes of K
-			// and V in f16 (q8_0: 2×34/32×16 bytes).
-			kvBytes := 2.0 * 16 * 2
-			if strings.Contains(tt.name, "q8_0") {
-				kvBytes = 2 * 34.0 / 32 * 16
-			}
-			want := tt.ratio * (kvBytes + 4) / (2 * 16 * 2)
+			// and V in f16.
+			want := tt.ratio * (2*16*2 + 4) / (2 * 16 * 2)
 			t.Logf("%s: kv cache %.0f bytes (%.3f of off; expected %.3f), /api/ps %d (%.3f of off)", tt.name, kv, kv/off, want, ps, float64(ps)/float64(offPS))
 			// The log line has one decimal: 0.1 MiB of 2 MiB.
 			assert.InDelta(t, want, kv/off, 0.06)
