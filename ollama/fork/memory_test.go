@@ -5,8 +5,8 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"net/http"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
