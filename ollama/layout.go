@@ -208,8 +208,15 @@ func (l *layout) free(seq int) {
 func (l *layout) slabStart(slab, li int) int { return slab * l.slabCells[li] }
 
 // total is the number of cells of layer li's tensors: every slot's slab,
-// padded to a multiple of pad.
-func (l *layout) total(li int) int { return roundUp(len(l.owner)*l.slabCells[li], l.pad) }
+// and room for the padding of the range a batch attends over (rangeFor).
+// One slot: its slab padded. More: one pad more than all slabs padded, so
+// that a range starting at any slab and padded stays inside.
+func (l *layout) total(li int) int {
+	if len(l.owner) == 1 {
+		return roundUp(l.slabCells[li], l.pad)
+	}
+	return roundUp(len(l.owner)*l.slabCells[li], l.pad) + l.pad
+}
 
 // room returns, per layer, how many more cells s may use.
 func (l *layout) room(s *seqCells) []int {
@@ -403,8 +410,11 @@ func prefixOf(lc *layerCells, end int32) (out layerCells, exact bool) {
 }
 
 // rangeFor returns the cells [lo, lo+length) that a batch touching the given
-// sequences attends over in layer li: from a multiple of pad, padded to a
-// multiple of pad (cells of other sequences in between are masked).
+// sequences attends over in layer li: from the first slab's start, padded to
+// a multiple of pad (cells beyond a sequence's own are masked). A batch of
+// one sequence attends over the same range whichever slot it holds, so its
+// results do not depend on the slot (ggml's sums run in an order set by the
+// row length and offsets).
 func (l *layout) rangeFor(seqs []*seqCells, li, pad int) (lo, length int) {
 	total := l.total(li)
 	lo, hi := math.MaxInt, 0
@@ -415,9 +425,6 @@ func (l *layout) rangeFor(seqs []*seqCells, li, pad int) (lo, length int) {
 	}
 	if lo == math.MaxInt {
 		return 0, 0
-	}
-	if pad > 1 {
-		lo -= lo % pad
 	}
 	length = max(hi-lo, 1)
 	length = min(roundUp(length, pad), total-lo)
