@@ -40,9 +40,12 @@ type Options struct {
 	// false (the runner), they are logged and the sequence keeps its cells.
 	Strict bool
 	// Pipelined is the runner's mode: the runner builds a batch while the
-	// previous one computes. The cache reads key norms only when a
-	// compression is due, after waiting for every submitted batch, so both
-	// modes compress at the same point; the field is kept for callers.
+	// previous one computes (and reads that batch's outputs after the next
+	// one is built), so the cache neither waits for the backend nor reads
+	// the norms of the last batch it placed: it reads a batch's norms, when
+	// a compression is due, once a later batch has been placed (norms.go).
+	// Off: every batch is computed before the next is built (Session), and
+	// the norms of every placed batch are read when due.
 	Pipelined bool
 	// Logger receives one line per compression (and compression errors).
 	Logger *slog.Logger
@@ -113,6 +116,11 @@ type Cache struct {
 	// syncs and fetches count waits for the backend and norm tensors read
 	// back (tests check that nothing is read while nothing is due).
 	syncs, fetches int
+	// batches counts the batches placed; the last one may still be
+	// computing in pipelined mode.
+	batches uint64
+	// flushing is set inside Flush: every placed batch has been computed.
+	flushing bool
 
 	statsMu sync.Mutex
 	history []hooks.Stats
@@ -405,6 +413,7 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		positions[j] = batch.Positions[j] + c.lay.seqs[seq].offset
 	}
 	c.cur.positions = positions
+	c.batches++
 	for i, seq := range order {
 		var pos []int32
 		for j, s := range batch.Sequences {
@@ -418,11 +427,12 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		}
 		if c.tracking() && !s.unmanaged {
 			s.fresh = append(s.fresh, pos...)
+			s.newest, s.newestBatch = len(pos), c.batches
 		}
 		// A batch with an output ends a prompt: its compression is due
 		// before the sequence's next batch (prefillReady).
-		if (outputs == nil || outputs[seq]) && !s.prefilled {
-			s.prefillDue = true
+		if (outputs == nil || outputs[seq]) && !s.prefilled && !s.prefillDue {
+			s.prefillDue, s.prefillBatch = true, c.batches
 		}
 	}
 	return c.buildGroups(ctx, batch, cells)

@@ -44,16 +44,24 @@ func (c *Cache) prefillReady() error {
 	slices.Sort(due)
 	for _, seq := range due {
 		s := c.lay.seqs[seq]
-		s.prefillDue, s.prefilled = false, true
 		if c.comp == nil || c.ext != nil || s.unmanaged {
+			s.prefillDue, s.prefilled = false, true
 			continue
 		}
+		if c.opts.Pipelined && !c.flushing && s.prefillBatch == c.batches {
+			// The prompt's last batch may still be computing: its norms
+			// are read once the next batch is placed (the prompt is then
+			// compressed in the graph of the second generated token, the
+			// first one kept).
+			continue
+		}
+		s.prefillDue, s.prefilled = false, true
 		p := c.comp.Policy()
 		live := int(s.last() + 1)
 		if live < p.MinPrompt {
 			continue
 		}
-		if err := c.report(seq); err != nil {
+		if err := c.report(c.flushing, seq); err != nil {
 			return err
 		}
 		if err := c.compressTo(seq, p.Target(live), "prefill"); err != nil {
@@ -90,7 +98,7 @@ func (c *Cache) makeRoom(seq int, s *seqCells, k int) error {
 	}
 	obs := c.observer()
 	if obs != nil && !s.unmanaged {
-		if err := c.report(seq); err != nil {
+		if err := c.report(false, seq); err != nil {
 			return err
 		}
 		if err := c.pressure(seq, s, k); err != nil {
@@ -129,8 +137,9 @@ func (c *Cache) pressure(seq int, s *seqCells, k int) error {
 			}
 		}
 		if over {
+			// Unread positions (the last batch, pipelined) stay.
 			p := c.comp.Policy()
-			target := min(p.Target(int(s.last()+1)), p.Target(c.shape.Capacity), c.squeezed-k)
+			target := min(p.Target(int(s.last()+1)), p.Target(c.shape.Capacity), c.squeezed-k-len(s.fresh))
 			if err := wrap(c.compressTo(seq, max(target, 0), "pressure")); err != nil {
 				return err
 			}
@@ -158,7 +167,7 @@ func (c *Cache) Compress(seq, target int) (hooks.Stats, error) {
 	if c.comp == nil {
 		return hooks.Stats{}, c.compressionOff()
 	}
-	if err := c.report(seq); err != nil {
+	if err := c.report(true, seq); err != nil {
 		return hooks.Stats{}, err
 	}
 	return c.comp.Compress(hooks.SeqID(seq), target)

@@ -90,6 +90,12 @@ type seqCells struct {
 	// given yet, ascending: they are the last len(fresh) cells of every
 	// layer (a compaction reports them first, so they stay at the end).
 	fresh []int32
+	// newest counts the fresh positions placed by the batch newestBatch
+	// (the cache's last batch while it may still be computing).
+	newest      int
+	newestBatch uint64
+	// prefillBatch is the batch that ended the prompt (prefillDue).
+	prefillBatch uint64
 	// prefillDue is set when a batch with an output for the sequence was
 	// placed while its prompt was not compressed yet (prefilled unset).
 	prefillDue, prefilled bool

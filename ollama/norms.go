@@ -16,15 +16,34 @@ import (
 // read only when something needs them (a compression is due, Flush), so a
 // decode step with nothing due transfers nothing.
 //
-// In Ollama's runner the batch built last may still be computing when the
-// next one is built (and on CUDA or Metal a batch without outputs may still
-// run on the device after its compute call returned): report waits for every
-// submitted batch before reading (sync), so it never reads a norm that has
-// not been written.
+// When may a norm be read? Ollama's backend offers one way to wait for it:
+// computing a graph on its scheduler and reading the result. In the runner's
+// pipelined mode that is not allowed at StartForward: the previous batch may
+// still be computing, and once it has, its outputs (the logits the runner
+// samples from) live in the scheduler's buffers until the runner reads them,
+// after StartForward; any graph computed in between overwrites them. So in
+// pipelined mode the cache reads only the norms of batches placed before the
+// last one: the runner starts computing a batch only after the one before
+// has finished on the CPU (their computes are serialised), so those norms
+// are written. On backends whose compute returns before the device is done
+// (CUDA, Metal), a batch without outputs may still be running then: the
+// runner gives no safe point to wait for it (issue 13, item 1, stays open
+// for those backends). Without pipelining (Session, Engine, Flush) every
+// placed batch has been computed and its outputs read: the cache waits for
+// the backend (sync) and reads everything.
 
-// report gives the observer the norms of the fresh positions of seqs (nil:
-// every sequence) and forgets them as fresh.
-func (c *Cache) report(seqs ...int) error {
+// readable returns how many of the fresh positions of s may be read now.
+func (c *Cache) readable(s *seqCells, all bool) int {
+	if all || !c.opts.Pipelined || s.newestBatch != c.batches {
+		return len(s.fresh)
+	}
+	return len(s.fresh) - s.newest
+}
+
+// report gives the observer the norms of the readable fresh positions of
+// seqs (nil: every sequence) and forgets them as fresh; all reads every
+// fresh position (the caller knows every batch has been computed).
+func (c *Cache) report(all bool, seqs ...int) error {
 	obs := c.observer()
 	if c.lay == nil {
 		return nil
@@ -36,21 +55,27 @@ func (c *Cache) report(seqs ...int) error {
 		slices.Sort(seqs)
 	}
 	var todo []int
+	count := map[int]int{}
 	for _, seq := range seqs {
 		s := c.lay.seqs[seq]
 		if s == nil || len(s.fresh) == 0 {
 			continue
 		}
 		if obs == nil || s.unmanaged {
-			s.fresh = nil
+			s.fresh, s.newest = nil, 0
 			continue
 		}
-		todo = append(todo, seq)
+		if n := c.readable(s, all); n > 0 {
+			todo = append(todo, seq)
+			count[seq] = n
+		}
 	}
 	if len(todo) == 0 {
 		return nil
 	}
-	c.sync()
+	if all || !c.opts.Pipelined {
+		c.sync()
+	}
 	h := c.opts.KVHeads
 	for li := range c.opts.Layers {
 		nt := c.norms[li]
@@ -61,8 +86,8 @@ func (c *Cache) report(seqs ...int) error {
 		total := c.lay.total(li)
 		for _, seq := range todo {
 			s := c.lay.seqs[seq]
-			f := len(s.fresh)
-			first := c.lay.slabStart(s.slab, li) + s.layers[li].n() - f
+			f := count[seq]
+			first := c.lay.slabStart(s.slab, li) + s.layers[li].n() - len(s.fresh)
 			norms := make([]float32, f*h)
 			for j := range f {
 				for head := range h {
@@ -73,7 +98,7 @@ func (c *Cache) report(seqs ...int) error {
 			for j := range ids {
 				ids[j] = hooks.SeqID(seq)
 			}
-			if err := obs.ObserveKeys(&hooks.KeyBatch{Layer: li, Seqs: ids, Positions: s.fresh, Norms: norms}); err != nil {
+			if err := obs.ObserveKeys(&hooks.KeyBatch{Layer: li, Seqs: ids, Positions: s.fresh[:f], Norms: norms}); err != nil {
 				if err := c.fail(fmt.Errorf("ollama: report key norms of seq %d, layer %d: %w", seq, li, err)); err != nil {
 					return err
 				}
@@ -81,7 +106,11 @@ func (c *Cache) report(seqs ...int) error {
 		}
 	}
 	for _, seq := range todo {
-		c.lay.seqs[seq].fresh = nil
+		s := c.lay.seqs[seq]
+		s.fresh = s.fresh[count[seq]:]
+		if len(s.fresh) < s.newest {
+			s.newest = len(s.fresh)
+		}
 	}
 	return nil
 }
@@ -109,13 +138,15 @@ func (c *Cache) fetch(nt interface{ BackendGet() []float32 }) []float32 {
 
 // Flush gives the observer the norms of every fresh position, applies
 // deferred copies and compresses every sequence whose prompt has been
-// decoded. Call it after computing a batch to compress before the next one;
-// the runner does not need it.
+// decoded. Call it after computing a batch (and reading its outputs) to
+// compress before the next one; the runner does not need it.
 func (c *Cache) Flush() error {
 	if c.lay == nil {
 		return nil
 	}
-	if err := c.report(); err != nil {
+	c.flushing = true
+	defer func() { c.flushing = false }()
+	if err := c.report(true); err != nil {
 		return err
 	}
 	c.runCopies()
