@@ -270,10 +270,12 @@ func (c *Cache) Init(backend ml.Backend, dtype ml.DType, maxSequences, capacity,
 	}
 	caps := uniform(c.opts.Layers, capacity)
 	defer func() {
-		// Slabs are not padded: the tensors are (layout.total), and the
-		// range a batch attends over starts and ends on the padding.
-		c.lay = newLayout(c.opts.Layers, c.opts.KVHeads, maxSequences, slices.Clone(caps), caps)
-		c.lay.pad = c.config.CachePadding
+		// Slabs are padded to the backend's padding (see rangeFor).
+		slabs := make([]int, len(caps))
+		for i, n := range caps {
+			slabs[i] = roundUp(n, c.config.CachePadding)
+		}
+		c.lay = newLayout(c.opts.Layers, c.opts.KVHeads, maxSequences, slabs, caps)
 	}()
 	if c.opts.Policy == nil {
 		return

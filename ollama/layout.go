@@ -162,7 +162,6 @@ type layout struct {
 	layers, kvHeads int
 	slabCells       []int // per layer
 	capacity        []int // per layer: cells a sequence may use (<= slabCells)
-	pad             int   // the backend's padding of attended ranges
 	owner           []int // slab -> sequence, -1 when free
 	seqs            map[int]*seqCells
 }
@@ -170,7 +169,7 @@ type layout struct {
 // newLayout returns the bookkeeping of slabs sequence slots whose layer l
 // holds capacity[l] cells, padded to slabCells[l].
 func newLayout(layers, kvHeads, slabs int, slabCells, capacity []int) *layout {
-	l := &layout{layers: layers, kvHeads: kvHeads, slabCells: slabCells, capacity: capacity, pad: 1,
+	l := &layout{layers: layers, kvHeads: kvHeads, slabCells: slabCells, capacity: capacity,
 		owner: make([]int, slabs), seqs: map[int]*seqCells{}}
 	for i := range l.owner {
 		l.owner[i] = -1
@@ -213,16 +212,8 @@ func (l *layout) free(seq int) {
 // slabStart is the first cell of a slab in layer li.
 func (l *layout) slabStart(slab, li int) int { return slab * l.slabCells[li] }
 
-// total is the number of cells of layer li's tensors: every slot's slab,
-// and room for the padding of the range a batch attends over (rangeFor).
-// One slot: its slab padded. More: one pad more than all slabs padded, so
-// that a range starting at any slab and padded stays inside.
-func (l *layout) total(li int) int {
-	if len(l.owner) == 1 {
-		return roundUp(l.slabCells[li], l.pad)
-	}
-	return roundUp(len(l.owner)*l.slabCells[li], l.pad) + l.pad
-}
+// total is the number of cells of layer li's tensors: every slot's slab.
+func (l *layout) total(li int) int { return len(l.owner) * l.slabCells[li] }
 
 // room returns, per layer, how many more cells s may use.
 func (l *layout) room(s *seqCells) []int {
@@ -417,10 +408,12 @@ func prefixOf(lc *layerCells, end int32) (out layerCells, exact bool) {
 
 // rangeFor returns the cells [lo, lo+length) that a batch touching the given
 // sequences attends over in layer li: from the first slab's start, padded to
-// a multiple of pad (cells beyond a sequence's own are masked). A batch of
-// one sequence attends over the same range whichever slot it holds, so its
-// results do not depend on the slot (ggml's sums run in an order set by the
-// row length and offsets).
+// a multiple of pad (cells beyond a sequence's own are masked). Slabs are
+// multiples of pad too, so every sequence's cells start at the same
+// alignment in the attention row whatever its slot and whatever shares the
+// batch: ggml's sums over a row then see the same values in the same lanes,
+// plus masked zeros, and a sequence's results do not depend on its slot or
+// on the other sequences of the batch.
 func (l *layout) rangeFor(seqs []*seqCells, li, pad int) (lo, length int) {
 	total := l.total(li)
 	lo, hi := math.MaxInt, 0

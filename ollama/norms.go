@@ -31,10 +31,21 @@ import (
 // for those backends). Without pipelining (Session, Engine, Flush) every
 // placed batch has been computed and its outputs read: the cache waits for
 // the backend (sync) and reads everything.
+//
+// Known gap: a compaction in the graph of the last batch moves the fresh
+// cells' norms, and a compression of the same sequence at the very next
+// batch (pressure at two batches in a row: a compressed layer smaller than
+// about three batches, or a prompt close to num_ctx) reads them before that
+// graph ran, so its plan may use stale norms for those positions. Refusing
+// to read them instead starves: the sequence cannot compress and the batch
+// fails. Norms kept by position rather than by cell would close it.
 
 // readable returns how many of the fresh positions of s may be read now.
 func (c *Cache) readable(s *seqCells, all bool) int {
-	if all || !c.opts.Pipelined || s.newestBatch != c.batches {
+	switch {
+	case all || !c.opts.Pipelined:
+		return len(s.fresh)
+	case s.newestBatch != c.batches:
 		return len(s.fresh)
 	}
 	return len(s.fresh) - s.newest
