@@ -72,8 +72,8 @@ type Options struct {
 // Key norms are computed in the graph of every forward pass (sqrt of the sum
 // of squares of each head's key) into a norm tensor per layer, one float per
 // (cell, head), that moves with the cells. They are read back only when a
-// compression is due (norms.go), after waiting for the backend: observing
-// costs no transfer while nothing is due.
+// compression is due (norms.go): observing costs no transfer while nothing
+// is due.
 //
 // The jobs live in one file each: this file holds the kvcache.Cache methods
 // that build a forward pass; norms.go reads norms back; compact.go plans and

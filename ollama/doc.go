@@ -21,7 +21,8 @@
 // With a policy, each layer's tensors are allocated for what the policy
 // keeps: layers kept whole hold num_ctx cells per slot, compressed layers
 // Target(num_ctx) plus one batch. Norms are read back only when a compression
-// is due, after waiting for the backend.
+// is due (in the runner's pipelined mode, only those of batches placed before
+// the last one: see norms.go).
 //
 // Install puts a Cache in place of the causal cache of a model loaded with
 // model.New (before the cache's Init), as kvnorm's Ollama fork does in its
