@@ -175,8 +175,9 @@ func TestCompactHeadsRefusesBadPlans(t *testing.T) {
 }
 
 // Removing a tail works after per-head compression as long as every head
-// drops the same count; a context shift of a compressed sequence is refused,
-// so the runner decodes its inputs again.
+// drops the same count. A context shift of a compressed sequence keeps its
+// cells and moves its numbering (no re-decode); its tail can then no longer
+// be told apart, and its prefix is never reused.
 func TestRemoveAfterCompression(t *testing.T) {
 	s := open(t, Config{Policy: perHead(0.5)})
 	ids, err := s.Tokenize(storyPrompt, true)
@@ -184,6 +185,8 @@ func TestRemoveAfterCompression(t *testing.T) {
 	n := int32(len(ids))
 	run(t, s, 0, ids, 6)
 	u := s.Cache().Usage(0)
+	assert.False(t, s.Cache().CanResume(0, 4), "a compressed prefix is not reused")
+	assert.True(t, s.Cache().CanResume(0, 0))
 
 	// The generated tokens follow every kept cell in every head.
 	require.NoError(t, s.Remove(0, n+2, math.MaxInt32))
@@ -197,8 +200,16 @@ func TestRemoveAfterCompression(t *testing.T) {
 	err = s.Remove(0, n/2, math.MaxInt32)
 	assert.ErrorContains(t, err, "different numbers of cells")
 
-	err = s.Remove(0, 1, 5)
-	assert.ErrorIs(t, err, kvcache.ErrNotSupported)
+	// A shift keeps every cell and renumbers the later tokens.
+	before := s.Cache().Usage(0)
+	require.NoError(t, s.Remove(0, 1, 5))
+	assert.Equal(t, before, s.Cache().Usage(0))
+	assert.Equal(t, n+2-4, s.Len(0))
+	_, err = s.Decode(0, []int32{300, 301})
+	require.NoError(t, err, "decoding goes on after the shift")
+	last := s.Cache().HeadPositions(0, 4, 0)
+	assert.Equal(t, []int32{n + 2, n + 3}, last[len(last)-2:], "stored after every cached position")
+	assert.ErrorIs(t, s.Remove(0, 10, math.MaxInt32), kvcache.ErrNotSupported)
 
 	require.NoError(t, s.Remove(0, 0, math.MaxInt32))
 	assert.Equal(t, Usage{}, s.Cache().Usage(0))

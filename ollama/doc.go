@@ -4,18 +4,25 @@
 //
 // Data flow through one forward pass of the runner:
 //
-//	Cache.StartForward(batch)   read back the norms of the previous batch ->
-//	                            Compressor.ObserveKeys; compress sequences
-//	                            whose prompt ended (PrefillDone) or that would
-//	                            not fit (CachePressure); place the batch after
-//	                            each sequence's kept cells; build masks
-//	Cache.Put(key, value)       store K/V with set_rows; add sqrt(sum(k²)) per
-//	                            head to the graph, into a small norm buffer
+//	Cache.StartForward(batch)   compress sequences whose prompt ended in an
+//	                            earlier batch (after reading their norms
+//	                            back) and sequences the batch would not fit
+//	                            (cache pressure); place the batch after each
+//	                            sequence's kept cells; build masks
+//	Cache.Put(key, value)       store K/V with set_rows, and sqrt(sum(k²))
+//	                            per head into the layer's norm tensor, at
+//	                            the same cells
 //	Cache.Get()                 views over the kept cells of the sequences of
 //	                            the batch, and the mask of this layer's layout
 //	Compressor -> CompactHeads  get_rows/set_rows gather every head's own kept
-//	                            cells to the front of its slab, in one op per
-//	                            layer for K and for V
+//	                            cells (keys, values, norms) to the front of
+//	                            its slab, in one op per layer and tensor
+//
+// With a policy, each layer's tensors are allocated for what the policy
+// keeps: layers kept whole hold num_ctx cells per slot, compressed layers
+// Target(num_ctx) plus one batch. Norms are read back only when a compression
+// is due (in the runner's pipelined mode, only those of batches placed before
+// the last one: see norms.go).
 //
 // Install puts a Cache in place of the causal cache of a model loaded with
 // model.New (before the cache's Init), as kvnorm's Ollama fork does in its
@@ -23,12 +30,13 @@
 // conformance suite: tokenize, decode with logits, greedy generation.
 //
 // What differs from Ollama's kvcache.Causal: each sequence slot owns a slab
-// of cells (no cells shared between sequences; CopyPrefix copies), keys are
-// laid out [headDim, cells, kvHeads], a context shift of a sequence kvnorm has
-// compressed is refused (the runner then decodes its inputs again), and the
-// cache needs no sliding window. Architectures whose cache is a
-// *kvcache.WrapperCache (gemma2/3/3n, llama4, mllama, gpt-oss, olmo3, ...) or
-// holds latent vectors (deepseek2) are refused by Install.
+// of cells per layer (no cells shared between sequences; CopyPrefix
+// copies), keys are laid out [headDim, cells, kvHeads], a context shift of a
+// compressed sequence keeps its cells and moves its numbering (keys are
+// re-roped), a compressed or shifted sequence is never resumed as a prefix
+// (CanResume), and the cache needs no sliding window. Architectures whose
+// cache is a *kvcache.WrapperCache (gemma2/3/3n, llama4, mllama, gpt-oss,
+// olmo3, ...) or holds latent vectors (deepseek2) are refused by Install.
 //
 // Everything that loads a model needs cgo; without it Open returns ErrNoCgo.
 package ollama

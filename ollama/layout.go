@@ -86,18 +86,41 @@ func (lc *layerCells) clone() layerCells {
 type seqCells struct {
 	slab   int
 	layers []layerCells
-	// run counts the tokens decoded since the sequence's last output; a run
-	// of two or more that ends in an output is a prompt (prefill).
-	run int
-	// prefill is set once a prompt has been decoded and not yet compressed;
-	// prefillBatch is the batch that ended it.
-	prefill      bool
+	// fresh lists the positions whose key norms the observer has not been
+	// given yet, ascending: they are the last len(fresh) cells of every
+	// layer (a compaction reports them first, so they stay at the end).
+	fresh []int32
+	// newest counts the fresh positions placed by the batch newestBatch
+	// (the cache's last batch while it may still be computing).
+	newest      int
+	newestBatch uint64
+	// prefillBatch is the batch that ended the prompt (prefillDue).
 	prefillBatch uint64
+	// prefillDue is set when a batch with an output for the sequence was
+	// placed while its prompt was not compressed yet (prefilled unset).
+	prefillDue, prefilled bool
+	// lossy is set once the sequence lost a position it was fed (an
+	// eviction, a shift of a compressed sequence, a copy of a lossy
+	// prefix): its cells are no longer what a fresh decode of its inputs
+	// holds, so its prefix is never reused (CanResume).
+	lossy bool
+	// offset maps the runner's positions to the cache's: after the runner
+	// shifted a compressed sequence by d positions, its later tokens come
+	// numbered d lower, and the cache stores them at position + offset so
+	// that positions stay unique and ascending (keys are re-roped instead).
+	offset int32
+	// shifted is set by a context shift: the cells are no longer what a
+	// fresh decode of the runner's inputs holds either.
+	shifted bool
 	// unmanaged sequences hold cells the compressor has no record of (a
 	// prefix copied from a sequence compacted per head): they are never
 	// compressed.
 	unmanaged bool
 }
+
+// exact reports whether the sequence holds every position it was fed,
+// unshifted, as a fresh decode of its inputs would.
+func (s *seqCells) exact() bool { return !s.lossy && !s.shifted }
 
 // used is the largest number of cells any layer of the sequence holds.
 func (s *seqCells) used() int {
@@ -129,25 +152,38 @@ func (lc *layerCells) headCount() int {
 	return 1
 }
 
-// layout tracks which cells of the cache hold which positions. The cache has
-// one slab of slabCells cells per sequence slot; in every layer, a sequence's
-// cells are packed at the front of its slab. It is plain bookkeeping, with no
-// tensors, so that it can be tested without a backend.
+// layout tracks which cells of the cache hold which positions. Each layer
+// has one slab of slabCells[layer] cells per sequence slot (layers kept whole
+// get the whole context, compressed layers what the policy keeps plus
+// headroom); in every layer, a sequence's cells are packed at the front of
+// its slab. It is plain bookkeeping, with no tensors, so that it can be
+// tested without a backend.
 type layout struct {
 	layers, kvHeads int
-	slabCells       int
-	capacity        int   // cells a sequence may use (<= slabCells)
+	slabCells       []int // per layer
+	capacity        []int // per layer: cells a sequence may use (<= slabCells)
 	owner           []int // slab -> sequence, -1 when free
 	seqs            map[int]*seqCells
 }
 
-func newLayout(layers, kvHeads, slabs, slabCells, capacity int) *layout {
+// newLayout returns the bookkeeping of slabs sequence slots whose layer l
+// holds capacity[l] cells, padded to slabCells[l].
+func newLayout(layers, kvHeads, slabs int, slabCells, capacity []int) *layout {
 	l := &layout{layers: layers, kvHeads: kvHeads, slabCells: slabCells, capacity: capacity,
 		owner: make([]int, slabs), seqs: map[int]*seqCells{}}
 	for i := range l.owner {
 		l.owner[i] = -1
 	}
 	return l
+}
+
+// uniform returns per-layer sizes all equal to n.
+func uniform(layers, n int) []int {
+	out := make([]int, layers)
+	for i := range out {
+		out[i] = n
+	}
+	return out
 }
 
 // seq returns the cells of seq, assigning a free slab when create is set.
@@ -173,8 +209,20 @@ func (l *layout) free(seq int) {
 	}
 }
 
-// slabStart is the first cell of a slab.
-func (l *layout) slabStart(slab int) int { return slab * l.slabCells }
+// slabStart is the first cell of a slab in layer li.
+func (l *layout) slabStart(slab, li int) int { return slab * l.slabCells[li] }
+
+// total is the number of cells of layer li's tensors: every slot's slab.
+func (l *layout) total(li int) int { return len(l.owner) * l.slabCells[li] }
+
+// room returns, per layer, how many more cells s may use.
+func (l *layout) room(s *seqCells) []int {
+	out := make([]int, l.layers)
+	for i := range out {
+		out[i] = l.capacity[i] - s.layers[i].n()
+	}
+	return out
+}
 
 // appendTokens records positions at the end of every layer of seq. Positions
 // must ascend and follow every position the sequence holds.
@@ -186,8 +234,10 @@ func (l *layout) appendTokens(s *seqCells, positions []int32) error {
 		}
 		last = p
 	}
-	if s.used()+len(positions) > l.capacity {
-		return fmt.Errorf("%d new cells on top of %d used exceed the capacity of %d cells", len(positions), s.used(), l.capacity)
+	for i := range s.layers {
+		if n := s.layers[i].n(); n+len(positions) > l.capacity[i] {
+			return fmt.Errorf("layer %d: %d new cells on top of %d used exceed its capacity of %d cells", i, len(positions), n, l.capacity[i])
+		}
 	}
 	for i := range s.layers {
 		for _, p := range positions {
@@ -357,11 +407,18 @@ func prefixOf(lc *layerCells, end int32) (out layerCells, exact bool) {
 }
 
 // rangeFor returns the cells [lo, lo+length) that a batch touching the given
-// sequences attends over in layer li, padded to a multiple of pad.
-func (l *layout) rangeFor(seqs []*seqCells, li, pad, total int) (lo, length int) {
+// sequences attends over in layer li: from the first slab's start, padded to
+// a multiple of pad (cells beyond a sequence's own are masked). Slabs are
+// multiples of pad too, so every sequence's cells start at the same
+// alignment in the attention row whatever its slot and whatever shares the
+// batch: ggml's sums over a row then see the same values in the same lanes,
+// plus masked zeros, and a sequence's results do not depend on its slot or
+// on the other sequences of the batch.
+func (l *layout) rangeFor(seqs []*seqCells, li, pad int) (lo, length int) {
+	total := l.total(li)
 	lo, hi := math.MaxInt, 0
 	for _, s := range seqs {
-		start := l.slabStart(s.slab)
+		start := l.slabStart(s.slab, li)
 		lo = min(lo, start)
 		hi = max(hi, start+s.layers[li].n())
 	}
@@ -375,7 +432,7 @@ func (l *layout) rangeFor(seqs []*seqCells, li, pad, total int) (lo, length int)
 
 // maskFor fills mask ([batch][length], row-major by query) for layer li: a
 // query sees a cell of its own sequence whose mask position does not exceed
-// its own position.
+// its own position (positions as the cache numbers them).
 func (l *layout) maskFor(mask []float32, lo, length, li int, seqs []int, positions []int32) {
 	inf := float32(math.Inf(-1))
 	for i := range mask {
@@ -387,7 +444,7 @@ func (l *layout) maskFor(mask []float32, lo, length, li int, seqs []int, positio
 			continue
 		}
 		row := mask[i*length : (i+1)*length]
-		start := l.slabStart(s.slab) - lo
+		start := l.slabStart(s.slab, li) - lo
 		for c, p := range s.layers[li].mask {
 			if p <= positions[i] {
 				row[start+c] = 0

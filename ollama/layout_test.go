@@ -12,7 +12,7 @@ import (
 // positions 0..n-1.
 func newSeq(t *testing.T, n int) (*layout, *seqCells) {
 	t.Helper()
-	l := newLayout(3, 2, 2, 16, 12)
+	l := newLayout(3, 2, 2, uniform(3, 16), uniform(3, 12))
 	s, err := l.seq(0, true)
 	require.NoError(t, err)
 	pos := make([]int32, n)
@@ -28,7 +28,7 @@ func TestLayoutAppend(t *testing.T) {
 	assert.Equal(t, 4, s.used())
 	assert.ErrorContains(t, l.appendTokens(s, []int32{3}), "does not follow")
 	assert.ErrorContains(t, l.appendTokens(s, []int32{5, 5}), "does not follow")
-	assert.ErrorContains(t, l.appendTokens(s, make9(4)), "exceed the capacity")
+	assert.ErrorContains(t, l.appendTokens(s, make9(4)), "exceed its capacity")
 	assert.Equal(t, 4, s.used(), "failed appends change nothing")
 
 	// Slots are handed out and reused.
@@ -132,15 +132,15 @@ func TestLayoutPrefix(t *testing.T) {
 }
 
 func TestLayoutMask(t *testing.T) {
-	l := newLayout(1, 1, 2, 4, 4)
+	l := newLayout(1, 1, 2, uniform(1, 4), uniform(1, 4))
 	a, _ := l.seq(0, true)
 	b, _ := l.seq(1, true)
 	require.NoError(t, l.appendTokens(a, []int32{0, 1}))
 	require.NoError(t, l.appendTokens(b, []int32{0, 1, 2}))
-	lo, length := l.rangeFor([]*seqCells{a, b}, 0, 1, 8)
+	lo, length := l.rangeFor([]*seqCells{a, b}, 0, 1)
 	assert.Equal(t, 0, lo)
 	assert.Equal(t, 7, length)
-	lo, length = l.rangeFor([]*seqCells{b}, 0, 4, 8)
+	lo, length = l.rangeFor([]*seqCells{b}, 0, 4)
 	assert.Equal(t, 4, lo)
 	assert.Equal(t, 4, length, "padded to 4 and capped at the cache end")
 

@@ -1,0 +1,158 @@
+package ollama
+
+import (
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/ollama/ollama/kvcache"
+
+	"github.com/kvnorm/kvnorm/hooks"
+)
+
+// Remove deletes positions [begin, end) of seq (kvcache.Cache), in the
+// runner's numbering.
+//
+//   - [0, end of sequence): the sequence is cleared.
+//   - a tail [begin, end of sequence): removed in every layout, as long as
+//     the heads of each layer drop the same count; refused for a sequence
+//     the runner shifted after compressing it (CanResume already keeps the
+//     runner from asking).
+//   - the middle (a context shift): a sequence that holds every position it
+//     was fed shifts as Ollama's own cache does (the range is dropped, later
+//     positions renumbered and their keys re-roped). A compressed sequence
+//     keeps its cells, which its own compressions bound: only its numbering
+//     moves. Every key is re-roped by begin-end, so distances to later
+//     queries stay true, and later tokens are stored end-begin positions
+//     further on (seqCells.offset). Either way it needs the model's shift
+//     function; on error the runner clears the sequence and decodes its
+//     inputs again.
+func (c *Cache) Remove(seq int, begin, end int32) error {
+	if c.lay == nil {
+		return nil
+	}
+	s := c.lay.seqs[seq]
+	if s == nil {
+		return nil
+	}
+	if begin <= 0 && end == math.MaxInt32 {
+		c.clearSeq(seq)
+		return nil
+	}
+	if end == math.MaxInt32 {
+		if s.offset != 0 {
+			return fmt.Errorf("%w: seq %d was compressed and shifted: its positions above %d cannot be told apart", kvcache.ErrNotSupported, seq, begin)
+		}
+		if err := c.lay.removeTail(s, begin); err != nil {
+			return fmt.Errorf("ollama: seq %d: %w", seq, err)
+		}
+		s.fresh = dropFrom(s.fresh, begin)
+		// What follows is a new prompt: compress it when it ends.
+		s.prefilled, s.prefillDue = false, false
+		if obs := c.observer(); obs != nil {
+			obs.Forget(hooks.SeqID(seq), begin, -1)
+		}
+		return nil
+	}
+	if c.ext != nil && !s.unmanaged {
+		return fmt.Errorf("%w: seq %d: kvnorm does not shift the context of a sequence an observer tracks", kvcache.ErrNotSupported, seq)
+	}
+	if c.opts.Shift == nil {
+		return kvcache.ErrNotSupported
+	}
+	if s.lossy {
+		if err := c.shiftKeys(s, make([]int, c.opts.Layers), begin-end); err != nil {
+			return err
+		}
+		s.offset += end - begin
+		s.shifted = true
+		return nil
+	}
+	keep, shifted, err := c.lay.removeMiddle(s, begin, end)
+	if err != nil {
+		return fmt.Errorf("%w: seq %d: %w", kvcache.ErrNotSupported, seq, err)
+	}
+	ctx := c.backend.NewContext()
+	moved := false
+	for li, cells := range keep {
+		if c.keys[li] == nil || len(cells) == 0 {
+			continue
+		}
+		src := make([][]int32, c.opts.KVHeads)
+		for h := range src {
+			src[h] = cells
+		}
+		if !identity(src) {
+			c.gather(ctx, li, s.slab, src)
+			moved = true
+		}
+	}
+	if moved {
+		ctx.Compute()
+	}
+	ctx.Close()
+	s.shifted = true
+	// The positions were renumbered: the observer starts over from the
+	// norms, which moved with the cells.
+	if obs := c.observer(); obs != nil && !s.unmanaged {
+		if c.comp != nil && c.ext == nil {
+			c.comp.DropSequence(hooks.SeqID(seq))
+		}
+		s.fresh = slices.Clone(s.layers[0].shared)
+	}
+	return c.shiftKeys(s, shifted, begin-end)
+}
+
+// dropFrom returns the ascending positions below begin.
+func dropFrom(pos []int32, begin int32) []int32 {
+	k, _ := slices.BinarySearch(pos, begin)
+	return pos[:k]
+}
+
+// shiftKeys re-ropes cells [shifted[li], n) of every layer of s by offset.
+func (c *Cache) shiftKeys(s *seqCells, shifted []int, offset int32) error {
+	ctx := c.backend.NewContext()
+	defer ctx.Close()
+	work := false
+	for li, from := range shifted {
+		key := c.keys[li]
+		n := s.layers[li].n()
+		if key == nil || from >= n {
+			continue
+		}
+		m := n - from
+		offs := make([]int32, m)
+		for i := range offs {
+			offs[i] = offset
+		}
+		view := key.View(ctx, (c.lay.slabStart(s.slab, li)+from)*key.Stride(1),
+			key.Dim(0), key.Stride(2),
+			key.Dim(2), key.Stride(1),
+			m)
+		roped, err := c.opts.Shift(ctx, li, view, ctx.Input().FromInts(offs, m))
+		if err != nil {
+			return err
+		}
+		ctx.Forward(roped.Copy(ctx, view))
+		work = true
+	}
+	if work {
+		ctx.Compute()
+	}
+	return nil
+}
+
+func (c *Cache) clearSeq(seq int) {
+	s := c.lay.seqs[seq]
+	if s == nil {
+		return
+	}
+	c.copies = slices.DeleteFunc(c.copies, func(op copyOp) bool { return op.dst == s.slab })
+	c.lay.free(seq)
+	if c.ext != nil {
+		c.ext.Forget(hooks.SeqID(seq), 0, -1)
+	}
+	if c.comp != nil {
+		c.comp.DropSequence(hooks.SeqID(seq))
+	}
+}
