@@ -3,17 +3,11 @@
 package llamacpp
 
 /*
-#cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
-#if !__has_include("llama.h")
-#error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#else
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "llama.h"
-#include "ggml.h"
-#include "ggml-backend.h"
+#include "kvn_llama.h"
 
 // What cb_eval asks the scheduler for (bits of kvn_cb.enabled).
 enum {
@@ -101,7 +95,6 @@ static kvn_key_tensor kvn_describe(const struct ggml_tensor *t) {
 }
 
 static size_t kvn_row_size(int type, int64_t n) { return ggml_row_size((enum ggml_type)type, n); }
-#endif
 */
 import "C"
 
@@ -119,6 +112,7 @@ import (
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
 	"github.com/kvnorm/kvnorm/kernels"
+	"github.com/kvnorm/kvnorm/llamacpp/statemode"
 )
 
 // Context is a llama.cpp context (its KV cache and compute state) on a Model,
@@ -540,7 +534,7 @@ func (c *Context) SeqState(seq hooks.SeqID) ([]byte, error) {
 	if err := c.checkSeq(seq); err != nil {
 		return nil, err
 	}
-	return stateBytes(c.c, seq)
+	return statemode.ReadBytes(LinkedFuncs, uintptr(unsafe.Pointer(c.c)), seq)
 }
 
 // Resync re-reads which positions seq holds from llama.cpp's state. The
@@ -557,7 +551,7 @@ func (c *Context) Resync(seq hooks.SeqID) error {
 	if err := c.checkSeq(seq); err != nil {
 		return err
 	}
-	b, err := stateBytes(c.c, seq)
+	b, err := statemode.ReadBytes(LinkedFuncs, uintptr(unsafe.Pointer(c.c)), seq)
 	if err != nil {
 		return err
 	}
