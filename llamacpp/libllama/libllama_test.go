@@ -97,6 +97,7 @@ func linkedReference(t *testing.T, model string, toks []int32, next int32, keep 
 		"-next", strconv.Itoa(int(next)), "-keep", strconv.FormatFloat(keep, 'g', -1, 64),
 		"-nctx", strconv.Itoa(nCtx), "-nbatch", strconv.Itoa(nBatch))
 	cmd.Dir = repoRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=1") // this test may run without cgo; stateref needs it
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	require.NoError(t, cmd.Run(), "go run ./llamacpp/internal/stateref: %s", errb.String())
