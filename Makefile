@@ -24,7 +24,7 @@ export CGO_CFLAGS CGO_CXXFLAGS
 endif
 endif
 
-.PHONY: all build headers libllama fresh-module test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
+.PHONY: all build headers libllama fresh-module examples test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
 
 all: build
 
@@ -43,6 +43,12 @@ libllama: headers
 # gives) and imports llamacpp builds with plain `go build`.
 fresh-module:
 	./llamacpp/internal/freshmodule.sh
+
+# The yzma example, a module of its own (kvnorm's go.mod does not need yzma).
+# It builds; it cannot run against the pinned llama.cpp (README: "Add kvnorm
+# to your Go app" lists the functions yzma v1.32.0 needs that it lacks).
+examples:
+	cd examples/yzma && $(GO) vet . && CGO_ENABLED=0 $(GO) build -o /dev/null .
 
 build: headers
 	$(GO) build -o $(BIN)/kvnorm ./cmd/kvnorm
