@@ -761,6 +761,7 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 		c.cellsKnown[seq] = false
 	}
 	if c.cbErr != nil {
+		c.rollbackLocked(seq, next, n)
 		return nil, fmt.Errorf("llamacpp: seq %d: recording keys: %w", seq, c.cbErr)
 	}
 	for i := range toks {
@@ -783,6 +784,7 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 	batches := make([]*hooks.KeyBatch, 0, c.shape.Layers)
 	for l := range c.shape.Layers {
 		if !c.seen[l] {
+			c.rollbackLocked(seq, next, n)
 			return nil, fmt.Errorf("%w: seq %d: no post-RoPE keys of layer %d in the graph (kvnorm looks for the ROPE node named Kcur-%d; %s may name it otherwise)",
 				hooks.ErrUnsupported, seq, l, l, c.model.info.Arch)
 		}
@@ -792,6 +794,18 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 		})
 	}
 	return batches, nil
+}
+
+// rollbackLocked takes the n positions from next that llama_decode just
+// stored in seq out of the cache again, when the batch's keys could not be
+// recorded: the failed Decode then leaves the sequence as it was, and a retry
+// does not hold the tokens twice.
+func (c *Context) rollbackLocked(seq hooks.SeqID, next hooks.Pos, n int) {
+	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), C.llama_pos(next), C.llama_pos(next+hooks.Pos(n)))
+	for i := range n {
+		c.live[seq].del(next + hooks.Pos(i))
+	}
+	c.cellsKnown[seq] = false
 }
 
 // observeTensor is called by the cb_eval callback (on the goroutine running
