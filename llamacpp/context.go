@@ -400,6 +400,11 @@ func (c *Context) setCallbacks() {
 // prefill, and a batch that does not fit compresses its sequence first.
 // llama.cpp cells are shared by all heads, so the policy must be per-token.
 func (c *Context) EnableCompression(p adapter.Policy) (*adapter.Compressor, error) {
+	if c.model != nil {
+		if err := c.model.info.keysReadable(); err != nil {
+			return nil, err
+		}
+	}
 	comp, err := adapter.New(c, p)
 	if err != nil {
 		return nil, err

@@ -33,6 +33,7 @@
 #define KVN_GGML_LOG_LEVELS(X)                                                               \
 	X(GGML_LOG_LEVEL_NONE, 0) X(GGML_LOG_LEVEL_DEBUG, 1) X(GGML_LOG_LEVEL_INFO, 2)            \
 	X(GGML_LOG_LEVEL_WARN, 3) X(GGML_LOG_LEVEL_ERROR, 4) X(GGML_LOG_LEVEL_CONT, 5)
+#define KVN_ROPE_TYPES(X) X(LLAMA_ROPE_TYPE_NONE, -1) X(LLAMA_ROPE_TYPE_NORM, 0)
 #define KVN_FLASH_ATTN_TYPES(X)                                                              \
 	X(LLAMA_FLASH_ATTN_TYPE_AUTO, -1) X(LLAMA_FLASH_ATTN_TYPE_DISABLED, 0)                    \
 	X(LLAMA_FLASH_ATTN_TYPE_ENABLED, 1)
@@ -47,6 +48,7 @@ enum ggml_type { KVN_GGML_TYPES(KVN_ENUM_MEMBER) };
 enum ggml_op { KVN_GGML_OPS(KVN_ENUM_MEMBER) };
 enum ggml_log_level { KVN_GGML_LOG_LEVELS(KVN_ENUM_MEMBER) };
 enum llama_flash_attn_type { KVN_FLASH_ATTN_TYPES(KVN_ENUM_MEMBER) };
+enum llama_rope_type { KVN_ROPE_TYPES(KVN_ENUM_MEMBER) };
 
 typedef int32_t llama_pos;
 typedef int32_t llama_token;
@@ -175,6 +177,7 @@ int32_t llama_model_n_head(const struct llama_model *model);
 int32_t llama_model_n_head_kv(const struct llama_model *model);
 int32_t llama_model_n_swa(const struct llama_model *model);
 bool llama_model_is_recurrent(const struct llama_model *model);
+enum llama_rope_type llama_model_rope_type(const struct llama_model *model);
 bool llama_model_is_hybrid(const struct llama_model *model);
 const struct llama_vocab *llama_model_get_vocab(const struct llama_model *model);
 
@@ -216,6 +219,7 @@ KVN_GGML_TYPES(KVN_ENUM_CHECK)
 KVN_GGML_OPS(KVN_ENUM_CHECK)
 KVN_GGML_LOG_LEVELS(KVN_ENUM_CHECK)
 KVN_FLASH_ATTN_TYPES(KVN_ENUM_CHECK)
+KVN_ROPE_TYPES(KVN_ENUM_CHECK)
 
 #define KVN_SAME_SIZE(s) _Static_assert(sizeof(struct s) == sizeof(struct kvn_abi_##s), "kvn_llama.h: size of struct " #s);
 #define KVN_SAME_FIELD(s, f)                                                                             \

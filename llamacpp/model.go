@@ -75,6 +75,7 @@ func (m *Model) readInfo(path string) ModelInfo {
 		EOS:       Token(C.llama_vocab_eos(m.vocab)),
 		AddBOS:    bool(C.llama_vocab_get_add_bos(m.vocab)),
 		Recurrent: bool(C.llama_model_is_recurrent(m.m)),
+		NoRoPE:    C.llama_model_rope_type(m.m) == C.LLAMA_ROPE_TYPE_NONE,
 	}
 	buf := make([]byte, 256)
 	if n := C.llama_model_desc(m.m, (*C.char)(unsafe.Pointer(&buf[0])), C.size_t(len(buf))); n > 0 {
@@ -90,6 +91,7 @@ func (m *Model) readInfo(path string) ModelInfo {
 		if v, err := strconv.Atoi(m.meta(arch + ".attention.key_length")); err == nil && v > 0 {
 			in.HeadDim = v
 		}
+		in.MLA = m.meta(arch+".attention.kv_lora_rank") != ""
 	}
 	return in
 }

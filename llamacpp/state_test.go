@@ -94,3 +94,27 @@ func TestCError(t *testing.T) {
 	assert.ErrorIs(t, decodeError(-1, ""), ErrBadInput)
 	assert.ErrorIs(t, decodeError(-3, ""), ErrDecode)
 }
+
+// TestKeysReadable: EnableCompression refuses models whose graph has no
+// RoPE'd Kcur-N node before any token enters the cache (issue 13, item 4).
+func TestKeysReadable(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		info ModelInfo
+		msg  string
+	}{
+		{"llama", ModelInfo{Arch: "llama"}, ""},
+		{"alibi", ModelInfo{Arch: "bloom", Path: "b.gguf", NoRoPE: true}, "has no RoPE (llama_model_rope_type: none"},
+		{"mla", ModelInfo{Arch: "deepseek2", Path: "d.gguf", MLA: true}, "multi-head latent attention (deepseek2.attention.kv_lora_rank)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.info.keysReadable()
+			if tc.msg == "" {
+				assert.NoError(t, err)
+				return
+			}
+			require.ErrorIs(t, err, hooks.ErrUnsupported)
+			assert.Contains(t, err.Error(), tc.msg)
+		})
+	}
+}
