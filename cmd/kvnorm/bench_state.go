@@ -114,8 +114,8 @@ func runBenchState(args []string, stdout, stderr io.Writer) error {
 			total = fmt.Sprintf("%.1f", stateMs(t2.Sub(t)))
 		}
 		fmt.Fprintf(tw, "%d\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%s\t%s\t\n", n, prefill.Seconds(), float64(size)/(1<<20), stateMs(read), stateMs(build), stateMs(plan), evict, total)
+		tw.Flush() // each row as soon as it is measured (a long prefill follows)
 	}
-	tw.Flush()
 	fmt.Fprintln(stdout, "read: llama_state_seq_get_data into a Go buffer of that size (the host copy of K and V); read+parse+norms: llamacpp.NewStateCompressor; evict: plan + llama_memory_seq_rm; Compress: llamacpp.Compress at the last checkpoint (read+parse+norms+plan+evict)")
 	return nil
 }
