@@ -4,9 +4,9 @@
 GO        ?= go
 BIN       := bin
 OLLAMA_MOD := github.com/ollama/ollama
-# The llama.cpp and ggml headers come from the pinned Ollama module in the Go
-# module cache; llamacpp/.ollama links to it (nothing of Ollama is committed).
-OLLAMA_LINK := llamacpp/.ollama
+# llamacpp/ needs no headers: it declares the llama.cpp functions it calls in
+# llamacpp/kvn_llama.h and cgo compiles llama.cpp from the pinned Ollama
+# module in the Go module cache. `headers` only downloads that module.
 
 # ggml's CPU code gets no SIMD from a plain cgo build (only -O2): its dot
 # products compile to scalar loops and its fast matmul kernels drop out. On an
@@ -24,23 +24,39 @@ export CGO_CFLAGS CGO_CXXFLAGS
 endif
 endif
 
-.PHONY: all build headers test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
+.PHONY: all build headers libllama fresh-module examples test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
 
 all: build
 
-headers: $(OLLAMA_LINK)
-
-$(OLLAMA_LINK): go.mod go.sum
+headers:
 	$(GO) mod download $(OLLAMA_MOD)
-	ln -sfn "$$($(GO) list -m -f '{{.Dir}}' $(OLLAMA_MOD))" $(OLLAMA_LINK)
-	@test -f $(OLLAMA_LINK)/llama/llama.cpp/include/llama.h || { echo "llama.h not found under $(OLLAMA_LINK)"; exit 1; }
+
+# A libllama.so (llama.cpp + ggml's CPU backend) built from the same pinned
+# sources, for the tests of llamacpp/libllama (an app that loads llama.cpp at
+# run time). Objects are cached under $(LIBLLAMA)/obj.
+LIBLLAMA ?= build/libllama
+
+libllama: headers
+	./llamacpp/libllama/build-so.sh "$$($(GO) list -m -f '{{.Dir}}' $(OLLAMA_MOD))" $(LIBLLAMA)
+
+# A new module that requires kvnorm (a read-only clone of HEAD, as go get
+# gives) and imports llamacpp builds with plain `go build`.
+fresh-module:
+	./llamacpp/internal/freshmodule.sh
+
+# The yzma example, a module of its own (kvnorm's go.mod does not need yzma).
+# It builds; it cannot run against the pinned llama.cpp (README: "Add kvnorm
+# to your Go app" lists the functions yzma v1.32.0 needs that it lacks).
+examples:
+	cd examples/yzma && $(GO) vet . && CGO_ENABLED=0 $(GO) build -o /dev/null .
 
 build: headers
 	$(GO) build -o $(BIN)/kvnorm ./cmd/kvnorm
 
 # The README's test command: everything CI checks.
-test: headers vet fmt-check test-kernels ollama-or-skip
-	$(GO) test -count=1 ./...
+test: headers vet fmt-check test-kernels ollama-or-skip libllama
+	KVNORM_REQUIRE_LIBLLAMA=1 $(GO) test -count=1 ./...
+	CGO_ENABLED=0 $(GO) test -count=1 ./llamacpp/libllama/ ./llamacpp/statemode/
 	$(GO) test -count=1 -race ./adapter/... ./hooks/...
 
 # kvnorm's Ollama: Ollama v0.24.0 copied to $(OLLAMA_FORK)/src with kvnorm's
@@ -79,4 +95,4 @@ bench: build
 	./$(BIN)/kvnorm bench kernels
 
 clean:
-	rm -rf $(BIN) $(OLLAMA_LINK)
+	rm -rf $(BIN) $(LIBLLAMA)

@@ -3,17 +3,11 @@
 package llamacpp
 
 /*
-#cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
-#if !__has_include("llama.h")
-#error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#else
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "llama.h"
-#include "ggml.h"
-#include "ggml-backend.h"
+#include "kvn_llama.h"
 
 static int kvn_log_min = GGML_LOG_LEVEL_ERROR;
 static int kvn_log_last = GGML_LOG_LEVEL_INFO;
@@ -32,7 +26,6 @@ static void kvn_init_log(void) { llama_log_set(kvn_log, NULL); }
 // LogLevel in log.go mirrors enum ggml_log_level.
 _Static_assert(GGML_LOG_LEVEL_DEBUG == 1 && GGML_LOG_LEVEL_INFO == 2 && GGML_LOG_LEVEL_WARN == 3 && GGML_LOG_LEVEL_ERROR == 4, "kvnorm/llamacpp: ggml_log_level changed: update log.go");
 
-#endif
 */
 import "C"
 

@@ -3,17 +3,11 @@
 package llamacpp
 
 /*
-#cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
-#if !__has_include("llama.h")
-#error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#else
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "llama.h"
-#include "ggml.h"
-#include "ggml-backend.h"
+#include "kvn_llama.h"
 
 // What cb_eval asks the scheduler for (bits of kvn_cb.enabled).
 enum {
@@ -101,7 +95,6 @@ static kvn_key_tensor kvn_describe(const struct ggml_tensor *t) {
 }
 
 static size_t kvn_row_size(int type, int64_t n) { return ggml_row_size((enum ggml_type)type, n); }
-#endif
 */
 import "C"
 
@@ -119,6 +112,7 @@ import (
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
 	"github.com/kvnorm/kvnorm/kernels"
+	"github.com/kvnorm/kvnorm/llamacpp/statemode"
 )
 
 // Context is a llama.cpp context (its KV cache and compute state) on a Model,
@@ -406,6 +400,11 @@ func (c *Context) setCallbacks() {
 // prefill, and a batch that does not fit compresses its sequence first.
 // llama.cpp cells are shared by all heads, so the policy must be per-token.
 func (c *Context) EnableCompression(p adapter.Policy) (*adapter.Compressor, error) {
+	if c.model != nil {
+		if err := c.model.info.keysReadable(); err != nil {
+			return nil, err
+		}
+	}
 	comp, err := adapter.New(c, p)
 	if err != nil {
 		return nil, err
@@ -540,7 +539,7 @@ func (c *Context) SeqState(seq hooks.SeqID) ([]byte, error) {
 	if err := c.checkSeq(seq); err != nil {
 		return nil, err
 	}
-	return stateBytes(c.c, seq)
+	return statemode.ReadBytes(LinkedFuncs, uintptr(unsafe.Pointer(c.c)), seq)
 }
 
 // Resync re-reads which positions seq holds from llama.cpp's state. The
@@ -557,7 +556,7 @@ func (c *Context) Resync(seq hooks.SeqID) error {
 	if err := c.checkSeq(seq); err != nil {
 		return err
 	}
-	b, err := stateBytes(c.c, seq)
+	b, err := statemode.ReadBytes(LinkedFuncs, uintptr(unsafe.Pointer(c.c)), seq)
 	if err != nil {
 		return err
 	}
@@ -767,6 +766,7 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 		c.cellsKnown[seq] = false
 	}
 	if c.cbErr != nil {
+		c.rollbackLocked(seq, next, n)
 		return nil, fmt.Errorf("llamacpp: seq %d: recording keys: %w", seq, c.cbErr)
 	}
 	for i := range toks {
@@ -789,6 +789,7 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 	batches := make([]*hooks.KeyBatch, 0, c.shape.Layers)
 	for l := range c.shape.Layers {
 		if !c.seen[l] {
+			c.rollbackLocked(seq, next, n)
 			return nil, fmt.Errorf("%w: seq %d: no post-RoPE keys of layer %d in the graph (kvnorm looks for the ROPE node named Kcur-%d; %s may name it otherwise)",
 				hooks.ErrUnsupported, seq, l, l, c.model.info.Arch)
 		}
@@ -798,6 +799,18 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 		})
 	}
 	return batches, nil
+}
+
+// rollbackLocked takes the n positions from next that llama_decode just
+// stored in seq out of the cache again, when the batch's keys could not be
+// recorded: the failed Decode then leaves the sequence as it was, and a retry
+// does not hold the tokens twice.
+func (c *Context) rollbackLocked(seq hooks.SeqID, next hooks.Pos, n int) {
+	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), C.llama_pos(next), C.llama_pos(next+hooks.Pos(n)))
+	for i := range n {
+		c.live[seq].del(next + hooks.Pos(i))
+	}
+	c.cellsKnown[seq] = false
 }
 
 // observeTensor is called by the cb_eval callback (on the goroutine running

@@ -2,10 +2,13 @@
 // key norm (Devoto et al. 2024) through the shared hooks/adapter contract.
 //
 // llama.cpp and ggml are compiled from the pinned Ollama module (blank
-// imports of its llama.cpp/src and ggml/src packages); the headers come from
-// the module cache through the llamacpp/.ollama link that `make headers`
-// creates. Nothing of llama.cpp is copied here. Without cgo the package still
-// compiles and every entry point returns an error wrapping ErrNoCgo.
+// imports of its llama.cpp/src and ggml/src packages). No llama.h is needed:
+// kvn_llama.h holds kvnorm's own declarations of the functions and types the
+// package calls, checked against the pinned llama.h by
+// TestDeclarationsMatchLlamaH, so an app that requires kvnorm builds it with
+// a plain `go build`. Nothing of llama.cpp is copied here. Without cgo the
+// package still compiles and every entry point returns an error wrapping
+// ErrNoCgo.
 //
 // # Callback mode (a Context of this package)
 //
@@ -56,7 +59,11 @@
 // Compress(unsafe.Pointer(lctx), seq, policy) reads the sequence's keys back
 // from llama_state_seq_get_data (ParseSeqState documents the layout; f32, f16,
 // bf16 and q8_0 keys), plans, and evicts with llama_memory_seq_rm. See
-// ExampleCompress.
+// ExampleCompress. The logic lives in package statemode behind a table of
+// llama.cpp functions (statemode.Funcs): LinkedFuncs fills it with the copy
+// this package links; package libllama fills it with a libllama the app
+// loaded at run time (purego, no cgo), so a context is always read and
+// evicted by the llama.cpp that created it.
 //
 // # Ownership
 //

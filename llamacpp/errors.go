@@ -3,6 +3,8 @@ package llamacpp
 import (
 	"errors"
 	"fmt"
+
+	"github.com/kvnorm/kvnorm/llamacpp/statemode"
 )
 
 // Sentinel errors. Every error this package returns wraps one of them (or an
@@ -27,8 +29,9 @@ var (
 	// ErrDecode reports a failed llama_decode.
 	ErrDecode = errors.New("llamacpp: decode failed")
 	// ErrState reports a sequence state (llama_state_seq_get_data) that
-	// cannot be parsed or does not match the model.
-	ErrState = errors.New("llamacpp: bad sequence state")
+	// cannot be parsed, does not match the model or changed while it was
+	// read (the same error as statemode.ErrState).
+	ErrState = statemode.ErrState
 	// ErrNoAttention reports attention probabilities that cannot be
 	// recorded: flash attention is (or may be) on, so the graph has no
 	// kq_soft_max node, or the positions of a sequence's cells are unknown.

@@ -614,3 +614,27 @@ func TestConcurrentUse(t *testing.T) {
 		assert.Equal(t, c.Positions(0)[:50], c.Positions(hooks.SeqID(seq))[:50])
 	}
 }
+
+// TestDecodeWithoutKeysRollsBack: a Decode whose keys cannot be recorded
+// (a graph without the Kcur-N nodes) fails and leaves the sequence as it
+// was, so a retry does not hold the prompt twice (issue 13, item 4).
+func TestDecodeWithoutKeysRollsBack(t *testing.T) {
+	m := openStories(t, "f32")
+	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 128, NBatch: 16})
+	_, err := c.EnableCompression(policy(0.5))
+	require.NoError(t, err)
+	toks := storyTokens(t, m, 20)
+	_, err = c.Decode(0, toks[:5])
+	require.NoError(t, err)
+
+	llamacpp.DropKeyCapture(c)
+	_, err = c.Decode(0, toks[5:])
+	require.ErrorIs(t, err, hooks.ErrUnsupported)
+	assert.Contains(t, err.Error(), "no post-RoPE keys of layer 0")
+	assert.Equal(t, 5, c.Cells(0), "cells after the failed decode")
+	lo, hi, err := c.PosRange(0)
+	require.NoError(t, err)
+	assert.Equal(t, [2]hooks.Pos{0, 4}, [2]hooks.Pos{lo, hi}, "llama.cpp's positions after the failed decode")
+	require.NoError(t, c.Resync(0))
+	assert.Equal(t, []hooks.Pos{0, 1, 2, 3, 4}, c.Positions(0))
+}

@@ -3,13 +3,8 @@
 package llamacpp
 
 /*
-#cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
-#if !__has_include("llama.h")
-#error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#else
 #include <stdlib.h>
-#include "llama.h"
-#endif
+#include "kvn_llama.h"
 */
 import "C"
 
@@ -80,6 +75,7 @@ func (m *Model) readInfo(path string) ModelInfo {
 		EOS:       Token(C.llama_vocab_eos(m.vocab)),
 		AddBOS:    bool(C.llama_vocab_get_add_bos(m.vocab)),
 		Recurrent: bool(C.llama_model_is_recurrent(m.m)),
+		NoRoPE:    C.llama_model_rope_type(m.m) == C.LLAMA_ROPE_TYPE_NONE,
 	}
 	buf := make([]byte, 256)
 	if n := C.llama_model_desc(m.m, (*C.char)(unsafe.Pointer(&buf[0])), C.size_t(len(buf))); n > 0 {
@@ -95,6 +91,7 @@ func (m *Model) readInfo(path string) ModelInfo {
 		if v, err := strconv.Atoi(m.meta(arch + ".attention.key_length")); err == nil && v > 0 {
 			in.HeadDim = v
 		}
+		in.MLA = m.meta(arch+".attention.kv_lora_rank") != ""
 	}
 	return in
 }

@@ -8,12 +8,18 @@ import (
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
+	"github.com/kvnorm/kvnorm/llamacpp/statemode"
 )
 
 // This file keeps the package's API compiling without cgo (CGO_ENABLED=0,
 // cross builds, GOARCH=arm64 go vet): Open and every other entry point return
 // an error wrapping ErrNoCgo. The pure-Go parts (ParseSeqState, Sampler,
 // options) work as usual.
+
+// LinkedFuncs has no functions without cgo: state mode through it returns
+// an error wrapping statemode.ErrMissingFunc (use kvnorm/llamacpp/libllama
+// for a llama.cpp loaded at run time).
+var LinkedFuncs = &statemode.Funcs{Provider: "kvnorm/llamacpp built without cgo"}
 
 // Model is a llama.cpp model; without cgo it cannot be opened.
 type Model struct{}

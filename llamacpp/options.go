@@ -136,6 +136,24 @@ type ModelInfo struct {
 	BOS, EOS  Token
 	AddBOS    bool // the vocabulary asks for BOS at the start of a prompt
 	Recurrent bool // recurrent models have no KV cache to compress
+	// NoRoPE: llama_model_rope_type is none (ALiBi or learned positions), so
+	// the graph has no RoPE'd "Kcur-N" node for the callback to read.
+	NoRoPE bool
+	// MLA: multi-head latent attention (<arch>.attention.kv_lora_rank is set):
+	// keys are assembled from a compressed latent, not one "Kcur-N" ROPE node.
+	MLA bool
+}
+
+// keysReadable refuses, before any token enters a cache, a model whose
+// graph the key callback cannot read (EnableCompression calls it).
+func (in ModelInfo) keysReadable() error {
+	switch {
+	case in.NoRoPE:
+		return fmt.Errorf("%w: %s (%s) has no RoPE (llama_model_rope_type: none, e.g. ALiBi): kvnorm reads keys from the ROPE node Kcur-N", hooks.ErrUnsupported, in.Path, in.Arch)
+	case in.MLA:
+		return fmt.Errorf("%w: %s (%s) uses multi-head latent attention (%s.attention.kv_lora_rank): its keys are not one ROPE node Kcur-N", hooks.ErrUnsupported, in.Path, in.Arch, in.Arch)
+	}
+	return nil
 }
 
 // GenerateOptions configure Context.Generate.

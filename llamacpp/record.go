@@ -6,8 +6,7 @@ package llamacpp
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include "ggml.h"
-#include "ggml-backend.h"
+#include "kvn_llama.h"
 
 // kvn_attn describes a "kq_soft_max-N" tensor for Go.
 typedef struct {

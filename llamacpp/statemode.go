@@ -3,88 +3,81 @@
 package llamacpp
 
 /*
-#cgo CPPFLAGS: -I${SRCDIR}/.ollama/llama/llama.cpp/include -I${SRCDIR}/.ollama/ml/backend/ggml/ggml/include
-#if !__has_include("llama.h")
-#error "kvnorm/llamacpp: llama.h not found: run 'make headers' (links llamacpp/.ollama to the ollama module) or 'make build'"
-#else
 #include <stdint.h>
-#include "llama.h"
-#endif
+#include "kvn_llama.h"
+
+// The table holds C pointers as uintptr; C converts them back.
+static struct llama_context *kvn_ctx(uintptr_t p) { return (struct llama_context *)p; }
+static const struct llama_model *kvn_model(uintptr_t p) { return (const struct llama_model *)p; }
+static llama_memory_t kvn_mem(uintptr_t p) { return (llama_memory_t)p; }
 */
 import "C"
 
 import (
 	"fmt"
-	"sync"
 	"unsafe"
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
+	"github.com/kvnorm/kvnorm/llamacpp/statemode"
 )
 
-// stateBytes copies llama_state_seq_get_data of seq.
-func stateBytes(ctx *C.struct_llama_context, seq hooks.SeqID) ([]byte, error) {
-	n := C.llama_state_seq_get_size(ctx, C.llama_seq_id(seq))
-	if n == 0 {
-		return nil, &CError{Func: "llama_state_seq_get_size", Code: 0, Msg: fmt.Sprintf("seq %d", seq), Err: ErrState}
+func cctx(p uintptr) *C.struct_llama_context { return C.kvn_ctx(C.uintptr_t(p)) }
+func cmodel(p uintptr) *C.struct_llama_model { return C.kvn_model(C.uintptr_t(p)) }
+func cmem(p uintptr) C.llama_memory_t        { return C.kvn_mem(C.uintptr_t(p)) }
+
+// LinkedFuncs is state mode's function table filled with the llama.cpp this
+// package links (provider a): the functions an app built with this package
+// calls when it drives llama.cpp through its own cgo code.
+var LinkedFuncs = &statemode.Funcs{
+	Provider: "the llama.cpp linked by kvnorm/llamacpp",
+	StateSeqGetSize: func(ctx uintptr, seq int32) uint64 {
+		return uint64(C.llama_state_seq_get_size(cctx(ctx), C.llama_seq_id(seq)))
+	},
+	StateSeqGetData: func(ctx uintptr, dst unsafe.Pointer, size uint64, seq int32) uint64 {
+		return uint64(C.llama_state_seq_get_data(cctx(ctx), (*C.uint8_t)(dst), C.size_t(size), C.llama_seq_id(seq)))
+	},
+	GetModel: func(ctx uintptr) uintptr {
+		return uintptr(unsafe.Pointer(C.llama_get_model(cctx(ctx))))
+	},
+	GetMemory: func(ctx uintptr) uintptr {
+		return uintptr(unsafe.Pointer(C.llama_get_memory(cctx(ctx))))
+	},
+	NCtxSeq: func(ctx uintptr) uint32 { return uint32(C.llama_n_ctx_seq(cctx(ctx))) },
+	MemorySeqPosMin: func(mem uintptr, seq int32) int32 {
+		return int32(C.llama_memory_seq_pos_min(cmem(mem), C.llama_seq_id(seq)))
+	},
+	MemorySeqPosMax: func(mem uintptr, seq int32) int32 {
+		return int32(C.llama_memory_seq_pos_max(cmem(mem), C.llama_seq_id(seq)))
+	},
+	MemorySeqRm: func(mem uintptr, seq, p0, p1 int32) bool {
+		return bool(C.llama_memory_seq_rm(cmem(mem), C.llama_seq_id(seq), C.llama_pos(p0), C.llama_pos(p1)))
+	},
+	ModelNLayer:      func(m uintptr) int32 { return int32(C.llama_model_n_layer(cmodel(m))) },
+	ModelNHeadKV:     func(m uintptr) int32 { return int32(C.llama_model_n_head_kv(cmodel(m))) },
+	ModelNSwa:        func(m uintptr) int32 { return int32(C.llama_model_n_swa(cmodel(m))) },
+	ModelIsRecurrent: func(m uintptr) bool { return bool(C.llama_model_is_recurrent(cmodel(m))) },
+	ModelIsHybrid:    func(m uintptr) bool { return bool(C.llama_model_is_hybrid(cmodel(m))) },
+}
+
+// checkStateArgs keeps this package's errors for its own bad input.
+func checkStateArgs(ctx unsafe.Pointer, seq int32) error {
+	if ctx == nil {
+		return fmt.Errorf("%w: nil llama_context", ErrBadInput)
 	}
-	if uint64(n) > 1<<40 {
-		return nil, fmt.Errorf("%w: seq %d: state of %d bytes", ErrState, seq, uint64(n))
+	if seq < 0 {
+		return fmt.Errorf("%w: sequence %d must be >= 0", ErrBadInput, seq)
 	}
-	buf := make([]byte, int(n))
-	got := C.llama_state_seq_get_data(ctx, (*C.uint8_t)(unsafe.Pointer(&buf[0])), n, C.llama_seq_id(seq))
-	if got != n {
-		return nil, &CError{Func: "llama_state_seq_get_data", Code: int(got), Msg: fmt.Sprintf("seq %d: wrote %d of %d bytes", seq, uint64(got), uint64(n)), Err: ErrState}
-	}
-	return buf, nil
+	return nil
 }
 
 // ReadState returns the parsed state of seq of a llama.cpp context: ctx is a
 // *llama_context (from an app's own cgo code, or Context.Raw).
 func ReadState(ctx unsafe.Pointer, seq int32) (*SeqState, error) {
-	if ctx == nil {
-		return nil, fmt.Errorf("%w: nil llama_context", ErrBadInput)
-	}
-	if seq < 0 {
-		return nil, fmt.Errorf("%w: sequence %d must be >= 0", ErrBadInput, seq)
-	}
-	b, err := stateBytes((*C.struct_llama_context)(ctx), seq)
-	if err != nil {
+	if err := checkStateArgs(ctx, seq); err != nil {
 		return nil, err
 	}
-	return ParseSeqState(b)
-}
-
-// stateRuntime is the hooks.PositionEvictor of an app's context: it evicts
-// with llama_memory_seq_rm, one run of consecutive positions at a time.
-type stateRuntime struct {
-	mu    sync.Mutex
-	ctx   *C.struct_llama_context
-	shape hooks.CacheShape
-}
-
-func (r *stateRuntime) CacheShape() hooks.CacheShape { return r.shape }
-
-func (r *stateRuntime) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	mem := C.llama_get_memory(r.ctx)
-	last := hooks.Pos(C.llama_memory_seq_pos_max(mem, C.llama_seq_id(seq)))
-	for i := 0; i < len(positions); {
-		j := i + 1
-		for j < len(positions) && positions[j] == positions[j-1]+1 {
-			j++
-		}
-		p0, p1 := positions[i], positions[j-1]+1
-		if p0 < 0 || p1 > last {
-			return fmt.Errorf("%w: evict seq %d: positions [%d,%d) reach the last position %d", ErrBadInput, seq, p0, p1, last)
-		}
-		if !C.llama_memory_seq_rm(mem, C.llama_seq_id(seq), C.llama_pos(p0), C.llama_pos(p1)) {
-			return &CError{Func: "llama_memory_seq_rm", Msg: fmt.Sprintf("seq %d positions [%d,%d)", seq, p0, p1), Err: ErrDecode}
-		}
-		i = j
-	}
-	return nil
+	return statemode.Read(LinkedFuncs, uintptr(ctx), seq)
 }
 
 // NewStateCompressor reads the keys of seq from the state of an app's
@@ -95,58 +88,14 @@ func (r *stateRuntime) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) er
 //
 // The keys are read as the cache stores them (f32, f16, bf16 or q8_0). The
 // context must be one of the llama.cpp linked into this binary (an app built
-// with this package links llama.cpp through it) and must not be decoding.
+// with this package links llama.cpp through it) and must not be decoding. A
+// llama.cpp the app loads at run time is compressed through
+// kvnorm/llamacpp/libllama instead.
 func NewStateCompressor(ctx unsafe.Pointer, seq int32, policy adapter.Policy) (*adapter.Compressor, error) {
-	st, err := ReadState(ctx, seq)
-	if err != nil {
+	if err := checkStateArgs(ctx, seq); err != nil {
 		return nil, err
 	}
-	if len(st.Cells) == 0 {
-		return nil, fmt.Errorf("%w: seq %d has no cells", hooks.ErrUnknownSequence, seq)
-	}
-	cctx := (*C.struct_llama_context)(ctx)
-	model := C.llama_get_model(cctx)
-	kvHeads := int(C.llama_model_n_head_kv(model))
-	if kvHeads <= 0 {
-		return nil, fmt.Errorf("%w: model reports %d kv heads", ErrState, kvHeads)
-	}
-	for _, cell := range st.Cells {
-		if !containsSeq(cell.Seqs, seq) {
-			return nil, fmt.Errorf("%w: cell at position %d does not belong to seq %d", ErrState, cell.Pos, seq)
-		}
-	}
-	batches := make([]*hooks.KeyBatch, len(st.Layers))
-	headDim := 0
-	for l := range st.Layers {
-		b, hd, err := st.keyBatch(l, kvHeads, seq)
-		if err != nil {
-			return nil, err
-		}
-		if l > 0 && hd != headDim {
-			return nil, fmt.Errorf("%w: layer %d has head dim %d, layer 0 has %d", hooks.ErrUnsupported, l, hd, headDim)
-		}
-		headDim, batches[l] = hd, b
-	}
-	rt := &stateRuntime{ctx: cctx, shape: hooks.CacheShape{
-		Layers: len(st.Layers), KVHeads: kvHeads, HeadDim: headDim,
-		Capacity: int(C.llama_n_ctx_seq(cctx)),
-	}}
-	// Only bytes are counted with these: a type the kernels cannot size per
-	// head is counted as the type the keys were read in.
-	rt.shape.KType, rt.shape.VType = batches[0].DType, batches[0].DType
-	if _, err := rt.shape.EntryBytes(); err != nil {
-		return nil, err
-	}
-	comp, err := adapter.New(rt, policy)
-	if err != nil {
-		return nil, err
-	}
-	for _, b := range batches {
-		if err := comp.ObserveKeys(b); err != nil {
-			return nil, fmt.Errorf("llamacpp: state of seq %d: %w", seq, err)
-		}
-	}
-	return comp, nil
+	return statemode.NewCompressor(LinkedFuncs, uintptr(ctx), seq, policy)
 }
 
 // Compress compresses sequence seq of an app's llama.cpp context in place:
@@ -160,19 +109,11 @@ func NewStateCompressor(ctx unsafe.Pointer, seq int32, policy adapter.Policy) (*
 //	stats, err := llamacpp.Compress(unsafe.Pointer(cctx), 0, adapter.DefaultPolicy())
 //
 // Call it after llama_decode of the prompt returned and before the next one.
+// It copies the sequence's K and V to host memory once (see the README for
+// the cost at 2048 and 8192 tokens).
 func Compress(ctx unsafe.Pointer, seq int32, policy adapter.Policy) (hooks.Stats, error) {
-	comp, err := NewStateCompressor(ctx, seq, policy)
-	if err != nil {
+	if err := checkStateArgs(ctx, seq); err != nil {
 		return hooks.Stats{}, err
 	}
-	return comp.Compress(seq, -1)
-}
-
-func containsSeq(s []hooks.SeqID, seq hooks.SeqID) bool {
-	for _, x := range s {
-		if x == seq {
-			return true
-		}
-	}
-	return false
+	return statemode.Compress(LinkedFuncs, uintptr(ctx), seq, policy)
 }
