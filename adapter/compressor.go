@@ -21,7 +21,10 @@ type Compressor struct {
 	entry   int64
 	evictor hooks.PositionEvictor
 	compact hooks.HeadCompactor
-	seqs    map[hooks.SeqID]*Record
+	// deferred, when the runtime holds keys back, is asked for them before
+	// every plan.
+	deferred hooks.DeferredKeys
+	seqs     map[hooks.SeqID]*Record
 	// busy serialises compressions of one sequence; they run without mu
 	// while the runtime applies a plan.
 	busy    map[hooks.SeqID]*sync.Mutex
@@ -64,6 +67,7 @@ func New(rt hooks.Runtime, p Policy) (*Compressor, error) {
 	c := &Compressor{policy: p, shape: shape, entry: entry, seqs: map[hooks.SeqID]*Record{}, busy: map[hooks.SeqID]*sync.Mutex{}}
 	c.evictor, _ = rt.(hooks.PositionEvictor)
 	c.compact, _ = rt.(hooks.HeadCompactor)
+	c.deferred, _ = rt.(hooks.DeferredKeys)
 	switch {
 	case c.evictor == nil && c.compact == nil:
 		return nil, fmt.Errorf("%w: runtime %T implements neither PositionEvictor nor HeadCompactor", hooks.ErrUnsupported, rt)
@@ -189,6 +193,9 @@ func (c *Compressor) Compress(seq hooks.SeqID, target int) (hooks.Stats, error) 
 
 // PlanFor returns the plan Compress(seq, target) would apply, without applying it.
 func (c *Compressor) PlanFor(seq hooks.SeqID, target int) (*Plan, error) {
+	if err := c.reportDeferred(seq); err != nil {
+		return nil, err
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r, err := c.known(seq)
@@ -277,6 +284,9 @@ func (c *Compressor) run(seq hooks.SeqID, t hooks.Trigger, decide func(r *Record
 	c.mu.Unlock()
 	busy.Lock()
 	defer busy.Unlock()
+	if err := c.reportDeferred(seq); err != nil {
+		return hooks.Stats{Seq: seq, Trigger: t.String(), Policy: c.policy.String(), Granularity: c.policy.Granularity.String()}, err
+	}
 
 	c.mu.Lock()
 	r, err := c.known(seq)
@@ -333,6 +343,18 @@ func (c *Compressor) run(seq hooks.SeqID, t hooks.Trigger, decide func(r *Record
 		onStats(st)
 	}
 	return st, nil
+}
+
+// reportDeferred asks a runtime that holds keys back for those of seq
+// (without c.mu: the runtime reports them through ObserveKeys).
+func (c *Compressor) reportDeferred(seq hooks.SeqID) error {
+	if c.deferred == nil {
+		return nil
+	}
+	if err := c.deferred.ReportDeferredKeys(seq, c); err != nil {
+		return fmt.Errorf("adapter: seq %d: keys the runtime held back: %w", seq, err)
+	}
+	return nil
 }
 
 // apply hands the plan to the runtime.

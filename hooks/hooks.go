@@ -226,6 +226,18 @@ type HeadCompactor interface {
 	CompactHeads(plan *HeadPlan) error
 }
 
+// DeferredKeys is implemented by runtimes that hold back the keys of some
+// decoded tokens instead of reporting them as they are decoded: reading keys
+// back at every decode step costs more than it is worth while no compression
+// is due (llama.cpp splits each graph at every node it is asked to hand out).
+// Before it plans a compression of seq, the compressor calls
+// ReportDeferredKeys; the runtime reports every key of seq it held back to
+// obs (through ObserveKeys) before returning. It is called without the
+// compressor's lock, so the runtime may take its own.
+type DeferredKeys interface {
+	ReportDeferredKeys(seq SeqID, obs Observer) error
+}
+
 // Trigger says why a compression ran.
 type Trigger uint8
 

@@ -138,7 +138,8 @@ type Context struct {
 	cellBytes                    int64
 
 	obs      hooks.Observer
-	observed bool // obs is set: keys are streamed during decodes
+	observed bool  // obs is set: keys are streamed during decodes
+	cbWant   C.int // what cb_eval asks for in a decode whose keys are read
 	attnF    func(*Attention) error
 
 	// The batch being decoded, for the callback, and what it records: the
@@ -146,6 +147,7 @@ type Context struct {
 	// llama_decode has returned and c.mu is released.
 	curSeqs  []hooks.SeqID
 	curPos   []hooks.Pos
+	callLen  int  // tokens of the Decode call the batch is part of
 	decoding bool // inside our own llama_decode: tensors belong to curPos
 	keyBuf   []float32
 	norms    [][]float32 // per layer, [tokens][kv heads]
@@ -164,6 +166,10 @@ type Context struct {
 	// or an attention recorder is attached) and valid when cellsKnown[seq].
 	cells      [][]hooks.Pos
 	cellsKnown []bool
+	// held[seq] are positions decoded in short batches (generated tokens)
+	// whose keys were not read: they are read from the sequence's state
+	// when a compression needs them (ReportDeferredKeys, lazykeys.go).
+	held []posSet
 }
 
 // NewContext creates a context on m. It returns an error wrapping ErrBadInput
@@ -216,7 +222,7 @@ func (m *Model) NewContext(o ContextOptions) (*Context, error) {
 		return nil, fmt.Errorf("%w: %s is a recurrent model: it has no KV cache to compress", hooks.ErrUnsupported, m.info.Path)
 	}
 	c := &Context{model: m, opts: o, seqs: o.Seqs, live: make([]posSet, o.Seqs),
-		cells: make([][]hooks.Pos, o.Seqs), cellsKnown: make([]bool, o.Seqs)}
+		cells: make([][]hooks.Pos, o.Seqs), cellsKnown: make([]bool, o.Seqs), held: make([]posSet, o.Seqs)}
 	c.h = cgo.NewHandle(c)
 	c.cb = C.kvn_cb_new(C.uintptr_t(c.h))
 	if c.cb == nil {
@@ -392,6 +398,7 @@ func (c *Context) setCallbacks() {
 	if c.attnF != nil {
 		e |= C.KVN_ATTN
 	}
+	c.cbWant = e
 	c.cb.enabled = e
 }
 
@@ -474,6 +481,7 @@ func (c *Context) Clear(seq hooks.SeqID) error {
 	}
 	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), -1, -1)
 	c.live[seq] = posSet{}
+	c.held[seq] = posSet{}
 	c.cells[seq] = emptyCells(c.capacity)
 	c.cellsKnown[seq] = true
 	obs := c.obs
@@ -521,6 +529,7 @@ func (c *Context) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
 		}
 		for p := p0; p < p1; p++ {
 			set.del(p)
+			c.held[seq].del(p)
 		}
 		i = j
 	}
@@ -569,6 +578,11 @@ func (c *Context) Resync(seq hooks.SeqID) error {
 		set.add(cell.Pos)
 	}
 	c.live[seq] = set
+	for _, p := range c.held[seq].list() {
+		if !set.has(p) {
+			c.held[seq].del(p)
+		}
+	}
 	// Removals behind our back keep the cell map valid; anything else
 	// (tokens decoded through Raw, shifted positions) makes it unknown.
 	if n := c.forgetCells(seq); n != set.n {
@@ -624,7 +638,7 @@ func (c *Context) DecodeOutputs(seq hooks.SeqID, tokens []Token, outputs []int) 
 		if err := c.makeRoom(seq, end-start); err != nil {
 			return nil, err
 		}
-		r, err := c.decodeChunk(seq, tokens[start:end], start, want, out)
+		r, err := c.decodeChunk(seq, tokens[start:end], len(tokens), start, want, out)
 		if err != nil {
 			return nil, err
 		}
@@ -688,7 +702,7 @@ func (c *Context) makeRoom(seq hooks.SeqID, n int) error {
 // returns the key norms the callback recorded, one batch per layer, and the
 // attention of every layer when recording, for the caller to hand out once
 // c.mu is released.
-func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want map[int][]int, out [][]float32) (*decoded, error) {
+func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, callLen, offset int, want map[int][]int, out [][]float32) (*decoded, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.liveLocked(); err != nil {
@@ -696,6 +710,7 @@ func (c *Context) decodeChunk(seq hooks.SeqID, toks []Token, offset int, want ma
 	}
 	r := &decoded{obs: c.obs, attnF: c.attnF}
 	var err error
+	c.callLen = callLen
 	r.keys, err = c.decodeLocked(seq, toks, offset, want, out)
 	if err != nil {
 		return nil, err
@@ -744,6 +759,15 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 	clear(c.attnW)
 	c.curCells = c.curCells[:0]
 	c.cb.cells_seen = 0
+	// A short batch (a generated token) of an observed sequence is decoded
+	// without cb_eval asking for any node, so the scheduler runs the graph
+	// whole instead of splitting it at every layer's keys; its keys are
+	// read later, from the state, if a compression needs them.
+	hold := c.holdKeys(c.callLen)
+	c.cb.enabled = c.cbWant
+	if hold {
+		c.cb.enabled = 0
+	}
 	tracking := c.cb.enabled&C.KVN_CELLS != 0
 	c.decoding = true
 	rc := C.llama_decode(c.c, c.batch)
@@ -784,6 +808,12 @@ func (c *Context) decodeLocked(seq hooks.SeqID, toks []Token, offset int, want m
 		}
 	}
 	if c.obs == nil {
+		return nil, nil
+	}
+	if hold {
+		for i := range toks {
+			c.held[seq].add(next + hooks.Pos(i))
+		}
 		return nil, nil
 	}
 	batches := make([]*hooks.KeyBatch, 0, c.shape.Layers)

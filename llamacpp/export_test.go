@@ -7,5 +7,14 @@ package llamacpp
 func DropKeyCapture(c *Context) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.cb.enabled &^= 1 // KVN_KEYS
+	c.cbWant &^= 1 // KVN_KEYS
+	c.cb.enabled &^= 1
+}
+
+// SetEagerKeys makes every observed decode read its keys (as before keys of
+// short batches were held back) until the returned func restores it.
+func SetEagerKeys(on bool) (restore func()) {
+	old := eagerKeys
+	eagerKeys = on
+	return func() { eagerKeys = old }
 }

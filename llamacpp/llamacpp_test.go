@@ -124,8 +124,14 @@ func TestKeepOneIdenticalLogits(t *testing.T) {
 					comp, err := c.EnableCompression(policy(1))
 					require.NoError(t, err)
 					t.Cleanup(func() {
+						// The prompt's keys are streamed as it is decoded; the
+						// generated tokens' keys are read once a plan needs them.
 						_, entries := comp.Live(0)
-						assert.Equal(t, int64((len(prompt)+12)*5*4), entries, "norms of every key streamed")
+						assert.Equal(t, int64(len(prompt)*5*4), entries, "norms of the prompt streamed")
+						_, err := comp.PlanFor(0, -1)
+						require.NoError(t, err)
+						_, entries = comp.Live(0)
+						assert.Equal(t, int64((len(prompt)+12)*5*4), entries, "norms of every key recorded for a plan")
 					})
 				}
 				var all [][]float32
@@ -623,7 +629,9 @@ func TestDecodeWithoutKeysRollsBack(t *testing.T) {
 	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 128, NBatch: 16})
 	_, err := c.EnableCompression(policy(0.5))
 	require.NoError(t, err)
-	toks := storyTokens(t, m, 20)
+	// A prompt long enough to have its keys read as it is decoded (shorter
+	// Decode calls hold their keys back until a compression needs them).
+	toks := storyTokens(t, m, 50)
 	_, err = c.Decode(0, toks[:5])
 	require.NoError(t, err)
 

@@ -59,6 +59,9 @@ func (c *Context) Clear(hooks.SeqID) error                       { return ErrNoC
 func (c *Context) EvictPositions(hooks.SeqID, []hooks.Pos) error { return ErrNoCgo }
 func (c *Context) Resync(hooks.SeqID) error                      { return ErrNoCgo }
 func (c *Context) SeqState(hooks.SeqID) ([]byte, error)          { return nil, ErrNoCgo }
+func (c *Context) ReportDeferredKeys(hooks.SeqID, hooks.Observer) error {
+	return ErrNoCgo
+}
 func (c *Context) Decode(hooks.SeqID, []Token) ([]float32, error) {
 	return nil, ErrNoCgo
 }

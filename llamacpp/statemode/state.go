@@ -249,6 +249,12 @@ func ParseSeqState(b []byte) (*SeqState, error) {
 	return st, nil
 }
 
+// KeyBatch returns layer l's keys as the cache stores them, for a cache of
+// kvHeads heads, and the head dim (see keyBatch).
+func (s *SeqState) KeyBatch(l, kvHeads int, seq hooks.SeqID) (*hooks.KeyBatch, int, error) {
+	return s.keyBatch(l, kvHeads, seq)
+}
+
 // keyBatch returns layer l's keys as a hooks.KeyBatch for a cache of kvHeads
 // heads: rows the kernels read per head are passed as they are, others (q8_0
 // rows whose heads split a block) are dequantized to f32 first.

@@ -1,0 +1,128 @@
+//go:build cgo
+
+package llamacpp_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/kvnorm/kvnorm/adapter"
+	"github.com/kvnorm/kvnorm/hooks"
+	"github.com/kvnorm/kvnorm/llamacpp"
+)
+
+// countingObserver passes everything to a compressor and counts the key
+// batches the context streams to it.
+type countingObserver struct {
+	*adapter.Compressor
+	mu      sync.Mutex
+	batches int
+	tokens  int
+}
+
+func (o *countingObserver) ObserveKeys(b *hooks.KeyBatch) error {
+	o.mu.Lock()
+	o.batches++
+	o.tokens += b.Len()
+	o.mu.Unlock()
+	return o.Compressor.ObserveKeys(b)
+}
+
+func (o *countingObserver) count() (int, int) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.batches, o.tokens
+}
+
+// chat plays two turns on seq 0: a prompt, generated tokens, a second prompt
+// (each prompt compressed after prefill), then one more token under cache
+// pressure. It returns the positions kept after each step and the last
+// logits.
+func chat(t *testing.T, m *llamacpp.Model, eager bool) (kept [][]hooks.Pos, logits []float32, obs *countingObserver) {
+	t.Helper()
+	defer llamacpp.SetEagerKeys(eager)()
+	// An f32 cache holds the keys exactly as cb_eval sees them, so norms
+	// read back from the state equal the streamed ones and the plans match.
+	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 256, KType: llamacpp.CacheF32, VType: llamacpp.CacheF32})
+	comp, err := adapter.New(c, policy(0.5))
+	require.NoError(t, err)
+	obs = &countingObserver{Compressor: comp}
+	c.SetObserver(obs)
+
+	prompt := storyTokens(t, m, 100)
+	g, err := c.Generate(context.Background(), 0, prompt, llamacpp.GenerateOptions{MaxTokens: 30, IgnoreEOG: true})
+	require.NoError(t, err)
+	require.Equal(t, 50, g.CellsAfter)
+	kept = append(kept, c.Positions(0))
+	_, _, err = c.Prompt(0, storyTokens(t, m, 60)[1:])
+	require.NoError(t, err)
+	kept = append(kept, c.Positions(0))
+	// Fill the cache with short decodes until it must compress under pressure.
+	tok := llamacpp.Token(m.Info().BOS + 10)
+	for c.Cells(0) < c.Capacity() {
+		logits, err = c.Decode(0, []llamacpp.Token{tok})
+		require.NoError(t, err)
+	}
+	logits, err = c.Decode(0, []llamacpp.Token{tok})
+	require.NoError(t, err)
+	kept = append(kept, c.Positions(0))
+	return kept, logits, obs
+}
+
+// TestHeldBackKeysGiveTheSamePlans: a context that holds back the keys of its
+// short decodes and reads them from the state when a compression is due
+// keeps exactly the positions that streaming every decode's keys keeps, and
+// its logits are bit-identical; it streams no keys while generating.
+func TestHeldBackKeysGiveTheSamePlans(t *testing.T) {
+	m := openStories(t, "f32")
+	keptEager, logitsEager, eagerObs := chat(t, m, true)
+	keptLazy, logitsLazy, lazyObs := chat(t, m, false)
+	for i := range keptEager {
+		assert.Equal(t, keptEager[i], keptLazy[i], "step %d", i)
+	}
+	assert.Equal(t, logitsEager, logitsLazy)
+
+	layers := m.Info().Layers
+	eb, et := eagerObs.count()
+	lb, lt := lazyObs.count()
+	// Streamed by the context: two prompts (100 tokens, 59 tokens in one
+	// batch each) in every layer; the lazy context streams nothing else.
+	assert.Equal(t, 2*layers, lb)
+	assert.Equal(t, (100+59)*layers, lt)
+	assert.Greater(t, eb, lb)
+	assert.Greater(t, et, lt)
+	t.Logf("key batches streamed: eager %d (%d token-layers), held back %d (%d)", eb, et, lb, lt)
+}
+
+// TestHeldBackKeysAfterClearAndEvict: held-back keys of a cleared sequence
+// are not reported, and another sequence's held-back keys are untouched.
+func TestHeldBackKeysAfterClearAndEvict(t *testing.T) {
+	m := openStories(t, "f32")
+	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 256, Seqs: 2, KType: llamacpp.CacheF32, VType: llamacpp.CacheF32})
+	comp, err := c.EnableCompression(policy(0.5))
+	require.NoError(t, err)
+	for seq := range hooks.SeqID(2) {
+		_, _, err := c.Prompt(seq, storyTokens(t, m, 64))
+		require.NoError(t, err)
+		for range 10 {
+			_, err := c.Decode(seq, []llamacpp.Token{m.Info().BOS + 5})
+			require.NoError(t, err)
+		}
+	}
+	other := c.Positions(1)
+	require.NoError(t, c.Clear(0))
+	_, err = comp.Compress(0, -1)
+	require.ErrorIs(t, err, hooks.ErrUnknownSequence, "a cleared sequence has nothing to compress")
+	pos, _ := comp.Live(1)
+	assert.Len(t, pos, 32, "seq 1's held-back keys are not read until it compresses")
+	st, err := comp.Compress(1, 16)
+	require.NoError(t, err)
+	assert.Equal(t, 42, st.PositionsBefore, "32 kept after prefill + 10 held back")
+	assert.Equal(t, 16, st.PositionsAfter)
+	assert.Len(t, c.Positions(1), 16)
+	assert.Subset(t, other, c.Positions(1))
+}
