@@ -24,7 +24,10 @@ type Compressor struct {
 	// deferred, when the runtime holds keys back, is asked for them before
 	// every plan.
 	deferred hooks.DeferredKeys
-	seqs     map[hooks.SeqID]*Record
+	// epochs, when the runtime counts clears, guards plans against a
+	// sequence cleared while they were made.
+	epochs hooks.SequenceEpochs
+	seqs   map[hooks.SeqID]*Record
 	// busy serialises compressions of one sequence; they run without mu
 	// while the runtime applies a plan.
 	busy    map[hooks.SeqID]*sync.Mutex
@@ -68,6 +71,9 @@ func New(rt hooks.Runtime, p Policy) (*Compressor, error) {
 	c.evictor, _ = rt.(hooks.PositionEvictor)
 	c.compact, _ = rt.(hooks.HeadCompactor)
 	c.deferred, _ = rt.(hooks.DeferredKeys)
+	if c.evictor != nil {
+		c.epochs, _ = rt.(hooks.SequenceEpochs)
+	}
 	switch {
 	case c.evictor == nil && c.compact == nil:
 		return nil, fmt.Errorf("%w: runtime %T implements neither PositionEvictor nor HeadCompactor", hooks.ErrUnsupported, rt)
@@ -287,6 +293,10 @@ func (c *Compressor) run(seq hooks.SeqID, t hooks.Trigger, decide func(r *Record
 	if err := c.reportDeferred(seq); err != nil {
 		return hooks.Stats{Seq: seq, Trigger: t.String(), Policy: c.policy.String(), Granularity: c.policy.Granularity.String()}, err
 	}
+	var epoch uint64
+	if c.epochs != nil {
+		epoch = c.epochs.SeqEpoch(seq)
+	}
 
 	c.mu.Lock()
 	r, err := c.known(seq)
@@ -316,7 +326,7 @@ func (c *Compressor) run(seq hooks.SeqID, t hooks.Trigger, decide func(r *Record
 	}
 
 	start = time.Now()
-	if err := c.apply(plan); err != nil {
+	if err := c.apply(plan, epoch); err != nil {
 		return st, err
 	}
 	st.ApplyTime = time.Since(start)
@@ -357,9 +367,13 @@ func (c *Compressor) reportDeferred(seq hooks.SeqID) error {
 	return nil
 }
 
-// apply hands the plan to the runtime.
-func (c *Compressor) apply(plan *Plan) error {
+// apply hands the plan to the runtime (epoch: the sequence's when planned).
+func (c *Compressor) apply(plan *Plan, epoch uint64) error {
 	switch {
+	case plan.Token != nil && c.epochs != nil:
+		if err := c.epochs.EvictPositionsInEpoch(plan.Token.Seq, epoch, plan.Token.Evict); err != nil {
+			return fmt.Errorf("adapter: evict %d positions of seq %d: %w", len(plan.Token.Evict), plan.Token.Seq, err)
+		}
 	case plan.Token != nil && c.evictor != nil:
 		if err := c.evictor.EvictPositions(plan.Token.Seq, plan.Token.Evict); err != nil {
 			return fmt.Errorf("adapter: evict %d positions of seq %d: %w", len(plan.Token.Evict), plan.Token.Seq, err)

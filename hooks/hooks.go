@@ -22,6 +22,9 @@ var (
 	// ErrUnsupported reports a plan the runtime cannot apply, such as a
 	// per-head plan sent to a runtime whose cells are shared by all heads.
 	ErrUnsupported = errors.New("hooks: unsupported by this runtime")
+	// ErrStalePlan reports a plan made for a sequence that was cleared (and
+	// perhaps refilled) before the plan reached the runtime.
+	ErrStalePlan = errors.New("hooks: stale plan: the sequence was cleared after it was planned")
 )
 
 // SeqID identifies a sequence of a runtime's cache (llama_seq_id in
@@ -236,6 +239,17 @@ type HeadCompactor interface {
 // compressor's lock, so the runtime may take its own.
 type DeferredKeys interface {
 	ReportDeferredKeys(seq SeqID, obs Observer) error
+}
+
+// SequenceEpochs is implemented by runtimes whose sequences can be cleared
+// and refilled between the moment a plan is made and the moment it is
+// applied (the compressor plans under its lock and applies without it). A
+// sequence's epoch changes every time it is cleared; the compressor reads it
+// before planning and applies the plan with EvictPositionsInEpoch, which
+// refuses with ErrStalePlan, touching nothing, when the epoch moved.
+type SequenceEpochs interface {
+	SeqEpoch(seq SeqID) uint64
+	EvictPositionsInEpoch(seq SeqID, epoch uint64, positions []Pos) error
 }
 
 // Trigger says why a compression ran.

@@ -170,6 +170,8 @@ type Context struct {
 	// whose keys were not read: they are read from the sequence's state
 	// when a compression needs them (ReportDeferredKeys, lazykeys.go).
 	held []posSet
+	// epochs[seq] counts the clears of seq (hooks.SequenceEpochs).
+	epochs []uint64
 }
 
 // NewContext creates a context on m. It returns an error wrapping ErrBadInput
@@ -222,7 +224,7 @@ func (m *Model) NewContext(o ContextOptions) (*Context, error) {
 		return nil, fmt.Errorf("%w: %s is a recurrent model: it has no KV cache to compress", hooks.ErrUnsupported, m.info.Path)
 	}
 	c := &Context{model: m, opts: o, seqs: o.Seqs, live: make([]posSet, o.Seqs),
-		cells: make([][]hooks.Pos, o.Seqs), cellsKnown: make([]bool, o.Seqs), held: make([]posSet, o.Seqs)}
+		cells: make([][]hooks.Pos, o.Seqs), cellsKnown: make([]bool, o.Seqs), held: make([]posSet, o.Seqs), epochs: make([]uint64, o.Seqs)}
 	c.h = cgo.NewHandle(c)
 	c.cb = C.kvn_cb_new(C.uintptr_t(c.h))
 	if c.cb == nil {
@@ -484,13 +486,51 @@ func (c *Context) Clear(seq hooks.SeqID) error {
 	c.held[seq] = posSet{}
 	c.cells[seq] = emptyCells(c.capacity)
 	c.cellsKnown[seq] = true
+	c.epochs[seq]++
 	obs := c.obs
 	c.mu.Unlock()
 	if obs != nil {
 		obs.Forget(seq, 0, -1)
+		// Again once the observer has forgotten the sequence: a plan it made
+		// from the old record before that carries an older epoch, even if
+		// it read the epoch after the removal above.
+		c.mu.Lock()
+		c.epochs[seq]++
+		c.mu.Unlock()
 	}
 	return nil
 }
+
+// SeqEpoch is the number of times seq was cleared; a compressor reads it
+// when it plans (it implements hooks.SequenceEpochs).
+func (c *Context) SeqEpoch(seq hooks.SeqID) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.checkSeq(seq) != nil {
+		return 0
+	}
+	return c.epochs[seq]
+}
+
+// EvictPositionsInEpoch is EvictPositions for a plan made when seq's epoch
+// was epoch: if seq was cleared since, it refuses with hooks.ErrStalePlan and
+// touches nothing (the positions may now hold a new prompt).
+func (c *Context) EvictPositionsInEpoch(seq hooks.SeqID, epoch uint64, positions []hooks.Pos) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.liveLocked(); err != nil {
+		return err
+	}
+	if err := c.checkSeq(seq); err != nil {
+		return err
+	}
+	if c.epochs[seq] != epoch {
+		return fmt.Errorf("%w: seq %d was cleared %d time(s) since the plan was made", hooks.ErrStalePlan, seq, c.epochs[seq]-epoch)
+	}
+	return c.evictLocked(seq, positions)
+}
+
+var _ hooks.SequenceEpochs = (*Context)(nil)
 
 // EvictPositions frees the cells of seq at positions with
 // llama_memory_seq_rm, one run of consecutive positions at a time. Every
@@ -506,6 +546,10 @@ func (c *Context) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
 	if err := c.checkSeq(seq); err != nil {
 		return err
 	}
+	return c.evictLocked(seq, positions)
+}
+
+func (c *Context) evictLocked(seq hooks.SeqID, positions []hooks.Pos) error {
 	set := &c.live[seq]
 	last := set.max()
 	for i, p := range positions {

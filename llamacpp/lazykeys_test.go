@@ -126,3 +126,33 @@ func TestHeldBackKeysAfterClearAndEvict(t *testing.T) {
 	assert.Len(t, c.Positions(1), 16)
 	assert.Subset(t, other, c.Positions(1))
 }
+
+// TestStalePlanAfterClear: a plan made before Clear and applied after a new
+// prompt was decoded into the sequence is refused and evicts nothing (issue
+// 13 item 3: before epochs it passed the position checks and evicted the new
+// prompt's cells).
+func TestStalePlanAfterClear(t *testing.T) {
+	m := openStories(t, "f32")
+	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 256})
+	comp, err := c.EnableCompression(policy(0.5))
+	require.NoError(t, err)
+	_, err = c.Decode(0, storyTokens(t, m, 100))
+	require.NoError(t, err)
+	ep := c.SeqEpoch(0)
+	plan, err := comp.PlanFor(0, -1)
+	require.NoError(t, err)
+	require.NotEmpty(t, plan.Token.Evict)
+
+	require.NoError(t, c.Clear(0))
+	_, err = c.Decode(0, storyTokens(t, m, 90))
+	require.NoError(t, err)
+	before := c.Positions(0)
+	err = c.EvictPositionsInEpoch(0, ep, plan.Token.Evict)
+	require.ErrorIs(t, err, hooks.ErrStalePlan)
+	assert.Equal(t, before, c.Positions(0), "the new prompt's cells are untouched")
+	assert.Len(t, before, 90)
+
+	// A plan of the current epoch applies.
+	require.NoError(t, c.EvictPositionsInEpoch(0, c.SeqEpoch(0), []hooks.Pos{3, 4}))
+	assert.Len(t, c.Positions(0), 88)
+}

@@ -62,6 +62,10 @@ func (c *Context) SeqState(hooks.SeqID) ([]byte, error)          { return nil, E
 func (c *Context) ReportDeferredKeys(hooks.SeqID, hooks.Observer) error {
 	return ErrNoCgo
 }
+func (c *Context) SeqEpoch(hooks.SeqID) uint64 { return 0 }
+func (c *Context) EvictPositionsInEpoch(hooks.SeqID, uint64, []hooks.Pos) error {
+	return ErrNoCgo
+}
 func (c *Context) Decode(hooks.SeqID, []Token) ([]float32, error) {
 	return nil, ErrNoCgo
 }

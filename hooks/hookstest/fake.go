@@ -52,6 +52,13 @@ func (c *Cache) Append(seq hooks.SeqID, positions ...hooks.Pos) error {
 	return nil
 }
 
+// Clear removes every cell of seq.
+func (c *Cache) Clear(seq hooks.SeqID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.seqs, seq)
+}
+
 // Free is the number of free cells of seq's fullest lane.
 func (c *Cache) Free(seq hooks.SeqID) int {
 	c.mu.Lock()
