@@ -728,6 +728,9 @@ func (c *Context) makeRoom(seq hooks.SeqID, n int) error {
 	if obs == nil {
 		return fmt.Errorf("%w: seq %d: %d tokens need cells but %d of %d are free and no compressor is attached", ErrContextFull, seq, n, free, c.capacity)
 	}
+	if err := c.ReportDeferredKeys(seq, obs); err != nil {
+		return fmt.Errorf("llamacpp: make room for %d tokens in seq %d: %w", n, seq, err)
+	}
 	// The observer evicts through EvictPositions, which takes c.mu itself.
 	if _, err := obs.CachePressure(seq, free, n); err != nil {
 		return fmt.Errorf("llamacpp: make room for %d tokens in seq %d: %w", n, seq, err)
@@ -955,6 +958,11 @@ func (c *Context) PrefillDone(seq hooks.SeqID) (hooks.Stats, error) {
 	obs := c.observer()
 	if obs == nil {
 		return hooks.Stats{}, nil
+	}
+	// Keys held back (a prompt shorter than holdBelow, generated tokens)
+	// reach the observer first, whatever runtime it plans for.
+	if err := c.ReportDeferredKeys(seq, obs); err != nil {
+		return hooks.Stats{}, fmt.Errorf("llamacpp: compress seq %d after prefill: %w", seq, err)
 	}
 	st, err := obs.PrefillDone(seq)
 	if err != nil {

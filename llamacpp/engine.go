@@ -62,6 +62,19 @@ func (e *Engine) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
 	return e.c.EvictPositions(seq, positions)
 }
 
+// ReportDeferredKeys, SeqEpoch and EvictPositionsInEpoch pass a compressor
+// built on the engine through to its context (hooks.DeferredKeys,
+// hooks.SequenceEpochs).
+func (e *Engine) ReportDeferredKeys(seq hooks.SeqID, obs hooks.Observer) error {
+	return e.c.ReportDeferredKeys(seq, obs)
+}
+
+func (e *Engine) SeqEpoch(seq hooks.SeqID) uint64 { return e.c.SeqEpoch(seq) }
+
+func (e *Engine) EvictPositionsInEpoch(seq hooks.SeqID, epoch uint64, positions []hooks.Pos) error {
+	return e.c.EvictPositionsInEpoch(seq, epoch, positions)
+}
+
 func (e *Engine) Tokenize(text string, addBOS bool) ([]int32, error) {
 	return e.m.Tokenize(text, addBOS)
 }
