@@ -301,7 +301,7 @@ func WriteRecommendation(w io.Writer, rec Recommendation, tol Tolerances) {
 			fmt.Fprintf(w, "\nKV memory of one sequence at %d tokens (this runtime's cache types): %s full, %s with this policy: %s saved (%.1f%%)\n"+
 				"(kvnorm's Ollama cache allocates this: layers kept whole at the full context, the others at keep × context, plus one batch; "+
 				"llama.cpp allocates n_ctx cells whatever the policy and fits more context in them instead)\n",
-				m.Context, fmtBytes(m.FullBytes), fmtBytes(m.PolicyBytes), fmtBytes(m.SavedBytes()), 100*float64(m.SavedBytes())/float64(m.FullBytes))
+				m.Context, FormatBytes(m.FullBytes), FormatBytes(m.PolicyBytes), FormatBytes(m.SavedBytes()), 100*float64(m.SavedBytes())/float64(m.FullBytes))
 		}
 	}
 	fmt.Fprintf(w, "\ncandidates, most compressing first:\n")
@@ -322,7 +322,8 @@ func WriteRecommendation(w io.Writer, rec Recommendation, tol Tolerances) {
 	}
 }
 
-func fmtBytes(b int64) string {
+// FormatBytes prints a byte count in B, KiB, MiB or GiB.
+func FormatBytes(b int64) string {
 	switch {
 	case b >= 1<<30:
 		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))

@@ -161,7 +161,7 @@ func runDemo(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintf(tw, "prompt tokens\t%d\t%d\t\n", base.promptTokens, small.promptTokens)
 	fmt.Fprintf(tw, "KV cells after prefill\t%d\t%d\t\n", base.cells, small.cells)
 	fmt.Fprintf(tw, "KV entries (layer×head×cell)\t%d\t%d\t\n", base.entries, small.entries)
-	fmt.Fprintf(tw, "KV bytes in use\t%s\t%s\t\n", human(base.entries*entry), human(small.entries*entry))
+	fmt.Fprintf(tw, "KV bytes in use\t%s\t%s\t\n", conformance.FormatBytes(base.entries*entry), conformance.FormatBytes(small.entries*entry))
 	fmt.Fprintf(tw, "prefill\t%.1f ms\t%.1f ms\t\n", msOf(base.prefill), msOf(small.prefill))
 	fmt.Fprintf(tw, "compress\t-\t%.2f ms\t\n", msOf(small.compress))
 	fmt.Fprintf(tw, "decode\t%.1f tokens/s\t%.1f tokens/s\t\n", base.decodeTPS, small.decodeTPS)
@@ -226,15 +226,3 @@ func commonPrefix(a, b string) int {
 }
 
 func msOf(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 }
-
-func human(b int64) string {
-	switch {
-	case b >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
-	case b >= 1<<20:
-		return fmt.Sprintf("%.2f MiB", float64(b)/(1<<20))
-	case b >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(b)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", b)
-}

@@ -29,7 +29,6 @@ import (
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
-	"github.com/kvnorm/kvnorm/llama2c"
 	"github.com/kvnorm/kvnorm/ollama"
 )
 
@@ -257,16 +256,7 @@ func expected(t *testing.T, gguf, prompt string, policy *adapter.Policy, n int) 
 // stories260K GGUF, generation through Ollama's own client with compression
 // off and on, the stats in the log, and bad requests.
 func TestOllamaFork(t *testing.T) {
-	root, err := findRepo()
-	require.NoError(t, err)
-	models := filepath.Join(root, "..", "shared", "models")
-	if _, err := os.Stat(filepath.Join(models, "stories260K.bin")); err != nil {
-		t.Skipf("stories260K not found in %s", models)
-	}
-	bin := ollamaBinary(t, root)
-
-	gguf := filepath.Join(t.TempDir(), "stories260K.gguf")
-	require.NoError(t, llama2c.ConvertFile(filepath.Join(models, "stories260K.bin"), filepath.Join(models, "tok512.bin"), gguf, "f32"))
+	bin, gguf := forkSetup(t)
 	store := t.TempDir()
 	const prompt = "Once upon a time there was a little girl named Lily. She loved to play with her toys and her friends. One day she went to the park"
 	opts := map[string]any{"num_ctx": 256, "temperature": 0, "num_predict": 32, "seed": 1}

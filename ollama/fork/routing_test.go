@@ -3,8 +3,6 @@
 package main
 
 import (
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -13,7 +11,6 @@ import (
 
 	"github.com/kvnorm/kvnorm/adapter"
 	"github.com/kvnorm/kvnorm/hooks"
-	"github.com/kvnorm/kvnorm/llama2c"
 )
 
 // TestRouting runs kvnorm's Ollama build without OLLAMA_NEW_ENGINE: Ollama
@@ -22,15 +19,7 @@ import (
 // instead and says so; with compression off, or a setting that leaves nothing
 // to compress on this model, the model goes where Ollama sends it.
 func TestRouting(t *testing.T) {
-	root, err := findRepo()
-	require.NoError(t, err)
-	models := filepath.Join(root, "..", "shared", "models")
-	if _, err := os.Stat(filepath.Join(models, "stories260K.bin")); err != nil {
-		t.Skipf("stories260K not found in %s", models)
-	}
-	bin := ollamaBinary(t, root)
-	gguf := filepath.Join(t.TempDir(), "stories260K.gguf")
-	require.NoError(t, llama2c.ConvertFile(filepath.Join(models, "stories260K.bin"), filepath.Join(models, "tok512.bin"), gguf, "f32"))
+	bin, gguf := forkSetup(t)
 	store := t.TempDir()
 	const prompt = "Once upon a time there was a little girl named Lily. She loved to play with her toys and her friends. One day she went to the park"
 	opts := map[string]any{"num_ctx": 256, "temperature": 0, "num_predict": 16, "seed": 1}
