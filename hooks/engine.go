@@ -16,7 +16,11 @@ type EngineInfo struct {
 //
 // An engine reports to its Observer (normally an adapter.Compressor): the
 // keys of every layer of every batch it decodes, PrefillDone at the end of
-// every Prefill, and CachePressure before a batch that would not fit.
+// every Prefill, and CachePressure before a batch that would not fit. The
+// keys of a Prefill reach the observer before it returns; those of a Decode
+// may be held back until a compression needs them (an engine that holds
+// keys back implements DeferredKeys, and reports them before its own
+// PrefillDone and CachePressure calls).
 type Engine interface {
 	Runtime
 	Info() EngineInfo

@@ -121,6 +121,9 @@ type Cache struct {
 	batches uint64
 	// flushing is set inside Flush: every placed batch has been computed.
 	flushing bool
+	// inPressure is set while the external observer handles a pressure
+	// call: what it may read back has been reported (see Engine).
+	inPressure bool
 
 	statsMu sync.Mutex
 	history []hooks.Stats

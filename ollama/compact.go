@@ -125,7 +125,15 @@ func (c *Cache) pressure(seq int, s *seqCells, k int) error {
 		for li := range s.layers {
 			free = min(free, c.lay.capacity[li]-s.layers[li].n())
 		}
+		// The observer plans on every key it has seen: give it the norms
+		// of the batches already computed (decoded tokens are not read back
+		// as they are decoded).
+		if err := c.report(false, seq); err != nil {
+			return c.fail(fmt.Errorf("ollama: compress seq %d under cache pressure: %w", seq, err))
+		}
+		c.inPressure = true
 		_, err := c.ext.CachePressure(hooks.SeqID(seq), max(free, 0), k)
+		c.inPressure = false
 		return wrap(err)
 	}
 	// Layers sized for the budget: down to the budget of the context.

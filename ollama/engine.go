@@ -141,7 +141,7 @@ func (e *Engine) Prefill(seq hooks.SeqID, tokens []int32, all bool) ([][]float32
 	if len(tokens) == 0 {
 		return nil, fmt.Errorf("ollama: prefill of seq %d: empty prompt", seq)
 	}
-	rows, err := e.run(seq, tokens, all)
+	rows, err := e.run(seq, tokens, all, true)
 	if err != nil {
 		return nil, err
 	}
@@ -158,10 +158,28 @@ func (e *Engine) Decode(seq hooks.SeqID, tokens []int32) ([][]float32, error) {
 	if len(tokens) == 0 {
 		return nil, fmt.Errorf("ollama: decode of seq %d: no tokens", seq)
 	}
-	return e.run(seq, tokens, true)
+	// The norms of decoded tokens stay in the cache until a compression
+	// needs them (ReportDeferredKeys, or the cache's pressure path):
+	// reading them back at every step cost 7% of decode throughput.
+	return e.run(seq, tokens, true, false)
 }
 
-func (e *Engine) run(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, error) {
+// ReportDeferredKeys reads back every norm the cache has not reported yet,
+// so that the observer has seen every key before it plans; the compressor
+// calls it before every plan (hooks.DeferredKeys).
+func (e *Engine) ReportDeferredKeys(hooks.SeqID, hooks.Observer) error {
+	if e.s.closed {
+		return errors.New("ollama: engine is closed")
+	}
+	if e.c.inPressure {
+		return nil // the cache reported what is computed before asking
+	}
+	return e.c.Flush()
+}
+
+var _ hooks.DeferredKeys = (*Engine)(nil)
+
+func (e *Engine) run(seq hooks.SeqID, tokens []int32, all, flush bool) ([][]float32, error) {
 	if e.s.closed {
 		return nil, errors.New("ollama: engine is closed")
 	}
@@ -198,10 +216,12 @@ func (e *Engine) run(seq hooks.SeqID, tokens []int32, all bool) ([][]float32, er
 		out = append(out, rows...)
 		off += n
 	}
-	// Read the norms back now, so the observer has seen every key when the
-	// call returns.
-	if err := e.c.Flush(); err != nil {
-		return nil, err
+	// A prompt's norms are read back now, so the observer has seen every key
+	// when Prefill reports PrefillDone.
+	if flush {
+		if err := e.c.Flush(); err != nil {
+			return nil, err
+		}
 	}
 	return out, nil
 }

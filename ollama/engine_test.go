@@ -122,7 +122,11 @@ func TestEnginePrefillAndLive(t *testing.T) {
 	assert.Len(t, out, 3)
 	assert.Equal(t, 1, obs.prefill, "Decode does not report PrefillDone")
 	_, ce = comp.Live(0)
-	assert.Equal(t, int64(2*4*n+3*4*kept+5*4*3), ce, "the decoded keys were reported before Decode returned")
+	assert.Equal(t, int64(2*4*n+3*4*kept), ce, "the decoded keys stay in the cache until a plan needs them")
+	_, err = comp.PlanFor(0, -1)
+	require.NoError(t, err)
+	_, ce = comp.Live(0)
+	assert.Equal(t, int64(2*4*n+3*4*kept+5*4*3), ce, "the decoded keys are reported before a plan")
 
 	require.NoError(t, e.RemoveSequence(0))
 	cp, _ = comp.Live(0)
@@ -203,4 +207,42 @@ func TestEngineEvictPositions(t *testing.T) {
 	assert.ErrorIs(t, e.EvictPositions(0, []hooks.Pos{7}), ErrPlan)
 	require.NoError(t, e.EvictPositions(0, []hooks.Pos{0}), "a position every head holds")
 	assert.Equal(t, []int32{8, n - 1}, e.Cache().HeadPositions(0, 2, 1))
+}
+
+// TestEngineDecodeReadsNothingBack: with a compressor attached, a decoded
+// token's norms stay in the cache (no sync, no read-back per step) until a
+// compression needs them; then the compressor sees every decoded position.
+func TestEngineDecodeReadsNothingBack(t *testing.T) {
+	for _, p := range []*adapter.Policy{perToken(0.5), perHead(0.5)} {
+		t.Run(p.Granularity.String(), func(t *testing.T) {
+			e := openEngine(t, Config{Context: 64})
+			comp, obs := attach(t, e, p)
+			ids, err := e.Tokenize(storyPrompt, true)
+			require.NoError(t, err)
+			_, err = e.Prefill(0, ids, false)
+			require.NoError(t, err)
+			c := e.Cache()
+			syncs, fetches, batches := c.syncs, c.fetches, obs.batches
+			for i := range 10 {
+				_, err := e.Decode(0, []int32{int32(300 + i)})
+				require.NoError(t, err)
+			}
+			assert.Equal(t, syncs, c.syncs, "no sync per decoded token")
+			assert.Equal(t, fetches, c.fetches, "no read-back per decoded token")
+			assert.Equal(t, batches, obs.batches)
+
+			// An explicit compression first reads the held norms back.
+			_, err = comp.PlanFor(0, -1)
+			require.NoError(t, err)
+			pos, _ := comp.Live(0)
+			assert.Contains(t, pos, int32(len(ids)+9), "the last decoded position is known to the compressor")
+
+			// Decoding past the cache compresses under pressure and goes on.
+			for i := range 80 {
+				_, err := e.Decode(0, []int32{int32(300 + i%100)})
+				require.NoError(t, err, "step %d", i)
+			}
+			assert.Positive(t, obs.pressure)
+		})
+	}
 }
