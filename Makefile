@@ -24,7 +24,7 @@ export CGO_CFLAGS CGO_CXXFLAGS
 endif
 endif
 
-.PHONY: all build headers libllama fresh-module examples test test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
+.PHONY: all build headers libllama fresh-module examples test test-race test-short test-kernels vet fmt-check demo bench clean ollama ollama-or-skip
 
 all: build
 
@@ -58,6 +58,12 @@ test: headers vet fmt-check test-kernels ollama-or-skip libllama
 	KVNORM_REQUIRE_LIBLLAMA=1 $(GO) test -count=1 ./...
 	CGO_ENABLED=0 $(GO) test -count=1 ./llamacpp/libllama/ ./llamacpp/statemode/
 	$(GO) test -count=1 -race ./adapter/... ./hooks/...
+
+# The race detector over the runtimes (not in CI: a -race build recompiles
+# llama.cpp and ggml with ThreadSanitizer, which takes far longer than the
+# rest of make test on 2 cores). KVNORM_SOAK=N lengthens the soak tests.
+test-race: headers
+	$(GO) test -count=1 -race -timeout 60m ./llamacpp/... ./ollama/...
 
 # kvnorm's Ollama: Ollama v0.24.0 copied to $(OLLAMA_FORK)/src with kvnorm's
 # two hook calls inserted (see ollama/fork), built into $(BIN)/ollama.
