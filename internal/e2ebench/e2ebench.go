@@ -490,18 +490,22 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		sides = append(sides, 2)
 	}
 	lat := make([][]time.Duration, 3)
-	for _, side := range sides {
+	// decode runs n tokens of one side, timed into lat when it is non-nil.
+	decode := func(side, n int, lat *[]time.Duration) (err error) {
 		switch side {
 		case 0:
 			eng.SetObserver(obs)
-			next, err = decodeN(eng, seq, next, PairedBlock, nil)
+			next, err = decodeN(eng, seq, next, n, lat)
 		case 1:
-			bnext, err = decodeN(base, seq, bnext, PairedBlock, nil)
+			bnext, err = decodeN(base, seq, bnext, n, lat)
 		case 2:
 			eng.SetObserver(nil)
-			next, err = decodeN(eng, seq, next, PairedBlock, nil)
+			next, err = decodeN(eng, seq, next, n, lat)
 		}
-		if err != nil {
+		return err
+	}
+	for _, side := range sides {
+		if err := decode(side, PairedBlock, nil); err != nil {
 			return err
 		}
 	}
@@ -512,17 +516,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 			slices.Reverse(order)
 		}
 		for _, side := range order {
-			switch side {
-			case 0:
-				eng.SetObserver(obs)
-				next, err = decodeN(eng, seq, next, n, &lat[0])
-			case 1:
-				bnext, err = decodeN(base, seq, bnext, n, &lat[1])
-			case 2:
-				eng.SetObserver(nil)
-				next, err = decodeN(eng, seq, next, n, &lat[2])
-			}
-			if err != nil {
+			if err := decode(side, n, &lat[side]); err != nil {
 				return err
 			}
 		}
