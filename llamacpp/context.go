@@ -330,6 +330,21 @@ func (c *Context) Close() error {
 	return nil
 }
 
+// lockSeq takes c.mu for an operation on seq of a live context; on error it
+// returns without the lock.
+func (c *Context) lockSeq(seq hooks.SeqID) error {
+	c.mu.Lock()
+	if err := c.liveLocked(); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	if err := c.checkSeq(seq); err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
 func (c *Context) liveLocked() error {
 	if c.c == nil {
 		return fmt.Errorf("%w: context", ErrClosed)
@@ -459,26 +474,16 @@ func (c *Context) Positions(seq hooks.SeqID) []hooks.Pos {
 // (llama_memory_seq_pos_min/max), -1 when empty. With evicted holes the range
 // is not dense.
 func (c *Context) PosRange(seq hooks.SeqID) (lo, hi hooks.Pos, err error) {
-	c.mu.Lock()
+	if err := c.lockSeq(seq); err != nil {
+		return -1, -1, err
+	}
 	defer c.mu.Unlock()
-	if err := c.liveLocked(); err != nil {
-		return -1, -1, err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		return -1, -1, err
-	}
 	return hooks.Pos(C.llama_memory_seq_pos_min(c.mem, C.llama_seq_id(seq))), hooks.Pos(C.llama_memory_seq_pos_max(c.mem, C.llama_seq_id(seq))), nil
 }
 
 // Clear removes every cell of seq and tells the observer to forget it.
 func (c *Context) Clear(seq hooks.SeqID) error {
-	c.mu.Lock()
-	if err := c.liveLocked(); err != nil {
-		c.mu.Unlock()
-		return err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		c.mu.Unlock()
+	if err := c.lockSeq(seq); err != nil {
 		return err
 	}
 	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), -1, -1)
@@ -516,14 +521,10 @@ func (c *Context) SeqEpoch(seq hooks.SeqID) uint64 {
 // was epoch: if seq was cleared since, it refuses with hooks.ErrStalePlan and
 // touches nothing (the positions may now hold a new prompt).
 func (c *Context) EvictPositionsInEpoch(seq hooks.SeqID, epoch uint64, positions []hooks.Pos) error {
-	c.mu.Lock()
+	if err := c.lockSeq(seq); err != nil {
+		return err
+	}
 	defer c.mu.Unlock()
-	if err := c.liveLocked(); err != nil {
-		return err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		return err
-	}
 	if c.epochs[seq] != epoch {
 		return fmt.Errorf("%w: seq %d was cleared %d time(s) since the plan was made", hooks.ErrStalePlan, seq, c.epochs[seq]-epoch)
 	}
@@ -538,14 +539,10 @@ var _ hooks.SequenceEpochs = (*Context)(nil)
 // goes after it). It implements hooks.PositionEvictor; it never touches
 // another sequence.
 func (c *Context) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
-	c.mu.Lock()
+	if err := c.lockSeq(seq); err != nil {
+		return err
+	}
 	defer c.mu.Unlock()
-	if err := c.liveLocked(); err != nil {
-		return err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		return err
-	}
 	return c.evictLocked(seq, positions)
 }
 
@@ -584,14 +581,10 @@ func (c *Context) evictLocked(seq hooks.SeqID, positions []hooks.Pos) error {
 // SeqState returns llama_state_seq_get_data of seq: its cells, keys and
 // values, as llama.cpp serializes them (ParseSeqState reads it).
 func (c *Context) SeqState(seq hooks.SeqID) ([]byte, error) {
-	c.mu.Lock()
+	if err := c.lockSeq(seq); err != nil {
+		return nil, err
+	}
 	defer c.mu.Unlock()
-	if err := c.liveLocked(); err != nil {
-		return nil, err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		return nil, err
-	}
 	return statemode.ReadBytes(LinkedFuncs, uintptr(unsafe.Pointer(c.c)), seq)
 }
 
@@ -601,14 +594,10 @@ func (c *Context) SeqState(seq hooks.SeqID) ([]byte, error) {
 // Raw, or llama_memory_* calls of your own). The attached observer, if any,
 // is not told: Forget what it should not plan for.
 func (c *Context) Resync(seq hooks.SeqID) error {
-	c.mu.Lock()
+	if err := c.lockSeq(seq); err != nil {
+		return err
+	}
 	defer c.mu.Unlock()
-	if err := c.liveLocked(); err != nil {
-		return err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		return err
-	}
 	b, err := statemode.ReadBytes(LinkedFuncs, uintptr(unsafe.Pointer(c.c)), seq)
 	if err != nil {
 		return err

@@ -38,13 +38,7 @@ var _ hooks.DeferredKeys = (*Context)(nil)
 // sequence's state (llama_state_seq_get_data) as the cache stores them. The
 // compressor calls it before every plan; it implements hooks.DeferredKeys.
 func (c *Context) ReportDeferredKeys(seq hooks.SeqID, obs hooks.Observer) error {
-	c.mu.Lock()
-	if err := c.liveLocked(); err != nil {
-		c.mu.Unlock()
-		return err
-	}
-	if err := c.checkSeq(seq); err != nil {
-		c.mu.Unlock()
+	if err := c.lockSeq(seq); err != nil {
 		return err
 	}
 	held := c.held[seq]
