@@ -124,6 +124,10 @@ type Cache struct {
 	// inPressure is set while the external observer handles a pressure
 	// call: what it may read back has been reported (see Engine).
 	inPressure bool
+	// awaitDevice, set by tests only, runs before the cache computes a
+	// graph of its own: a test device whose computes complete late runs
+	// what was submitted before (a backend's graphs run in order).
+	awaitDevice func()
 
 	statsMu sync.Mutex
 	history []hooks.Stats

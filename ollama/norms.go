@@ -129,6 +129,9 @@ func (c *Cache) report(all bool, seqs ...int) error {
 // sync waits for the graphs already submitted to the backend: computing on
 // the backend orders after them, and reading the result waits for it.
 func (c *Cache) sync() {
+	if c.awaitDevice != nil {
+		c.awaitDevice()
+	}
 	for _, nt := range c.norms {
 		ctx := c.backend.NewContext()
 		t := nt.View(ctx, 0, 1).Contiguous(ctx)
