@@ -41,11 +41,11 @@ type Options struct {
 	Strict bool
 	// Pipelined is the runner's mode: the runner builds a batch while the
 	// previous one computes (and reads that batch's outputs after the next
-	// one is built), so the cache neither waits for the backend nor reads
-	// the norms of the last batch it placed: it reads a batch's norms, when
-	// a compression is due, once a later batch has been placed (norms.go).
-	// Off: every batch is computed before the next is built (Session), and
-	// the norms of every placed batch are read when due.
+	// one is built), so the cache waits for the backend only when the last
+	// batch it placed has no outputs, and otherwise reads the norms of the
+	// batches the runner has waited for (norms.go). Off: every batch is
+	// computed before the next is built (Session), and the norms of every
+	// placed batch are read when due.
 	Pipelined bool
 	// Logger receives one line per compression (and compression errors).
 	Logger *slog.Logger
@@ -70,9 +70,10 @@ type Options struct {
 // cells only.
 //
 // Key norms are computed in the graph of every forward pass (sqrt of the sum
-// of squares of each head's key) into a norm tensor per layer, one float per
-// (cell, head), that moves with the cells. They are read back only when a
-// compression is due (norms.go): observing costs no transfer while nothing
+// of squares of each head's key) into a small per-layer buffer kept by batch,
+// not by cell (two batches of rows, whatever the context), until the
+// observer has them. They are read back only when a compression is due or
+// the buffer is full (norms.go): observing costs no transfer while nothing
 // is due.
 //
 // The jobs live in one file each: this file holds the kvcache.Cache methods
@@ -104,7 +105,10 @@ type Cache struct {
 
 	ctxs         map[int]ml.Context
 	keys, values map[int]ml.Tensor
-	norms        map[int]ml.Tensor // [1, cells, kvHeads] f32 per layer
+	// ring holds the norms of fresh positions, by batch (norms.go); spills
+	// hold those of batches that did not fit in it.
+	ring   *normSeg
+	spills []*normSeg
 
 	cur   forward
 	graph ml.Context // the graph being built, inside StartForward
@@ -119,6 +123,11 @@ type Cache struct {
 	// batches counts the batches placed; the last one may still be
 	// computing in pipelined mode.
 	batches uint64
+	// synced is the last batch known to have run on the device (norms.go);
+	// lastOut and prevOut say whether the last two batches placed had
+	// outputs.
+	synced           uint64
+	lastOut, prevOut bool
 	// flushing is set inside Flush: every placed batch has been computed.
 	flushing bool
 	// inPressure is set while the external observer handles a pressure
@@ -148,6 +157,10 @@ type forward struct {
 	positions  []int32 // as the cache numbers them (runner position + offset)
 	groups     []group
 	layerGroup []int
+	// norms and normRows are where Put writes the batch's key norms (nil:
+	// nowhere).
+	norms    *normSeg
+	normRows ml.Tensor
 }
 
 // group is what layers with the same cell layout share in one forward pass:
@@ -182,7 +195,6 @@ func NewCache(o Options) (*Cache, error) {
 		ctxs:   map[int]ml.Context{},
 		keys:   map[int]ml.Tensor{},
 		values: map[int]ml.Tensor{},
-		norms:  map[int]ml.Tensor{},
 	}, nil
 }
 
@@ -283,6 +295,9 @@ func (c *Cache) Init(backend ml.Backend, dtype ml.DType, maxSequences, capacity,
 			slabs[i] = roundUp(n, c.config.CachePadding)
 		}
 		c.lay = newLayout(c.opts.Layers, c.opts.KVHeads, maxSequences, slabs, caps)
+		if c.tracking() && c.ring == nil {
+			c.ring = newNormSeg(ringRows(maxBatch), false)
+		}
 	}()
 	if c.opts.Policy == nil {
 		return
@@ -342,7 +357,13 @@ func (c *Cache) Close() {
 	clear(c.ctxs)
 	clear(c.keys)
 	clear(c.values)
-	clear(c.norms)
+	if c.ring != nil {
+		c.ring.close()
+	}
+	for _, g := range c.spills {
+		g.close()
+	}
+	c.spills = nil
 }
 
 // SetLayer selects the layer of the following Put and Get (kvcache.Cache).
@@ -377,6 +398,8 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 	if reserve {
 		return c.reserve(ctx, n)
 	}
+	c.noteSynced()
+	c.retire()
 	// Copies and compactions decided now run first in this batch's graph.
 	c.graph, c.graphOps = ctx, false
 	defer func() {
@@ -422,7 +445,20 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		positions[j] = batch.Positions[j] + c.lay.seqs[seq].offset
 	}
 	c.cur.positions = positions
+	// The batch's key norms go to rows of the ring (or a spill), taken
+	// before the batch counts as placed: reading what is due to make room
+	// must not count it as computed.
+	var rows []int32
+	if c.tracking() && slices.ContainsFunc(cells, func(s *seqCells) bool { return !s.unmanaged }) {
+		g, r, err := c.normRows(n)
+		if err != nil {
+			return err
+		}
+		g.last = c.batches + 1
+		c.cur.norms, c.cur.normRows, rows = g, ctx.Input().FromInts(r, n), r
+	}
 	c.batches++
+	c.placed(batch.Outputs == nil || batch.Outputs.Dim(0) > 0)
 	for i, seq := range order {
 		var pos []int32
 		for j, s := range batch.Sequences {
@@ -434,9 +470,13 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		if err := c.lay.appendTokens(s, pos); err != nil {
 			return fmt.Errorf("ollama: seq %d: %w", seq, err)
 		}
-		if c.tracking() && !s.unmanaged {
-			s.fresh = append(s.fresh, pos...)
-			s.newest, s.newestBatch = len(pos), c.batches
+		if rows != nil && !s.unmanaged {
+			for j, q := range batch.Sequences {
+				if q == seq {
+					s.fresh = append(s.fresh, freshNorm{pos: positions[j], seg: c.cur.norms, row: rows[j], batch: c.batches})
+					c.cur.norms.ref(rows[j])
+				}
+			}
 		}
 		// A batch with an output ends a prompt: its compression is due
 		// before the sequence's next batch (prefillReady).
@@ -473,6 +513,13 @@ func (c *Cache) reserve(ctx ml.Context, n int) error {
 		locs[i] = int32(i)
 	}
 	locsT := ctx.Input().FromInts(locs, n)
+	if c.ring != nil {
+		rows := make([]int32, n)
+		for i := range rows {
+			rows[i] = int32(i % c.ring.rows)
+		}
+		c.cur.norms, c.cur.normRows = c.ring, ctx.Input().FromInts(rows, n)
+	}
 	c.cur.layerGroup = make([]int, c.opts.Layers)
 	for li := range c.opts.Layers {
 		total := c.lay.total(li)
@@ -571,8 +618,8 @@ func (c *Cache) alloc(layer, kDim, vDim, kvHeads int) {
 	} else {
 		c.values[layer] = ctx.Zeros(c.dtype, vDim, total, kvHeads)
 	}
-	if c.tracking() {
-		c.norms[layer] = ctx.Zeros(ml.DTypeF32, 1, total, kvHeads)
+	if c.ring != nil {
+		c.ring.t[layer] = ctx.Zeros(ml.DTypeF32, 1, c.ring.rows, kvHeads)
 	}
 }
 
@@ -600,14 +647,15 @@ func (c *Cache) Put(ctx ml.Context, key, value ml.Tensor) {
 		ctx.Forward(values.SetRows(ctx, value.Permute(ctx, 0, 2, 1, 3), locs))
 	}
 
-	if nt := c.norms[layer]; nt != nil {
+	if c.cur.norms != nil {
+		nt := c.normTensor(c.cur.norms, layer, kvHeads)
 		k := key
 		if k.DType() != ml.DTypeF32 {
 			k = k.Cast(ctx, ml.DTypeF32)
 		}
-		// [1, kvHeads, n] -> [1, n, kvHeads], stored beside the keys.
+		// [1, kvHeads, n] -> [1, n, kvHeads], in the batch's rows.
 		norms := k.Sqr(ctx).SumRows(ctx).Sqrt(ctx).Permute(ctx, 0, 2, 1, 3)
-		ctx.Forward(nt.SetRows(ctx, norms, locs))
+		ctx.Forward(nt.SetRows(ctx, norms, c.cur.normRows))
 	}
 }
 

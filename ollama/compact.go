@@ -208,7 +208,7 @@ func (c *Cache) CompactHeads(plan *hooks.HeadPlan) error {
 	}
 	// Positions whose norms the planner has not seen are newer than every
 	// planned one and held by every head: they stay.
-	tail := s.fresh
+	tail := s.freshPositions()
 	keeps := make([][][]int32, len(plan.Layers))
 	srcs := make([][][]int32, len(plan.Layers))
 	for li, keep := range plan.Layers {
@@ -276,7 +276,7 @@ func mergeSorted(a, b []int32) []int32 {
 }
 
 // gather moves, in layer li of a slab, cell src[h][j] of head h to cell j,
-// keys, values and norms alike.
+// keys and values alike (norms are kept by batch, not by cell: norms.go).
 func (c *Cache) gather(ctx ml.Context, li, slab int, src [][]int32) {
 	heads, k := len(src), len(src[0])
 	flat := make([]int32, 0, heads*k)
@@ -297,9 +297,6 @@ func (c *Cache) gather(ctx ml.Context, li, slab int, src [][]int32) {
 		ctx.Forward(v.SetRows(ctx, v.Rows(ctx, idx), dst))
 	}
 	rows(c.keys[li])
-	if nt := c.norms[li]; nt != nil {
-		rows(nt)
-	}
 	value := c.values[li]
 	if !c.config.PermutedV {
 		rows(value)

@@ -10,19 +10,19 @@
 //	                            (cache pressure); place the batch after each
 //	                            sequence's kept cells; build masks
 //	Cache.Put(key, value)       store K/V with set_rows, and sqrt(sum(k²))
-//	                            per head into the layer's norm tensor, at
-//	                            the same cells
+//	                            per head into the batch's rows of the
+//	                            layer's norm ring (two batches of rows)
 //	Cache.Get()                 views over the kept cells of the sequences of
 //	                            the batch, and the mask of this layer's layout
 //	Compressor -> CompactHeads  get_rows/set_rows gather every head's own kept
-//	                            cells (keys, values, norms) to the front of
+//	                            cells (keys and values) to the front of
 //	                            its slab, in one op per layer and tensor
 //
 // With a policy, each layer's tensors are allocated for what the policy
 // keeps: layers kept whole hold num_ctx cells per slot, compressed layers
 // Target(num_ctx) plus one batch. Norms are read back only when a compression
-// is due (in the runner's pipelined mode, only those of batches placed before
-// the last one: see norms.go).
+// is due or the ring is full (in the runner's pipelined mode, only those of
+// batches known to have run on the device: see norms.go).
 //
 // Install puts a Cache in place of the causal cache of a model loaded with
 // model.New (before the cache's Init), as kvnorm's Ollama fork does in its

@@ -87,13 +87,10 @@ type seqCells struct {
 	slab   int
 	layers []layerCells
 	// fresh lists the positions whose key norms the observer has not been
-	// given yet, ascending: they are the last len(fresh) cells of every
-	// layer (a compaction reports them first, so they stay at the end).
-	fresh []int32
-	// newest counts the fresh positions placed by the batch newestBatch
-	// (the cache's last batch while it may still be computing).
-	newest      int
-	newestBatch uint64
+	// given yet, ascending, and where their norms are (norms.go): they are
+	// the last len(fresh) cells of every layer (a compaction keeps them, at
+	// the end).
+	fresh []freshNorm
 	// prefillBatch is the batch that ended the prompt (prefillDue).
 	prefillBatch uint64
 	// prefillDue is set when a batch with an output for the sequence was

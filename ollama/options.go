@@ -34,8 +34,9 @@ type Config struct {
 	// CacheType is the KV cache type: f16 (default), f32, q8_0 or q4_0.
 	CacheType string
 	// Pipelined runs the cache as Ollama's runner does (Options.Pipelined):
-	// norms are read two batches late and the prompt is compressed after
-	// the first generated token. Generate then does not flush.
+	// norms are read once the batch that wrote them is known to have run
+	// (norms.go) and the prompt is compressed after the first generated
+	// token. Generate then does not flush.
 	Pipelined bool
 	// Logger receives compression lines; nil discards them.
 	Logger *slog.Logger

@@ -1,6 +1,11 @@
 package ollama
 
-import "slices"
+import (
+	"fmt"
+	"slices"
+
+	"github.com/kvnorm/kvnorm/hooks"
+)
 
 // copyOp is a prefix copy between slabs, deferred until the batches built
 // before it have been computed.
@@ -10,8 +15,10 @@ type copyOp struct {
 }
 
 // CopyPrefix makes dstSeq hold the positions [0, length) of srcSeq
-// (kvcache.Cache). The cells are copied (each sequence owns its slab), with
-// their key norms, once the batches built so far have been computed.
+// (kvcache.Cache). The cells are copied (each sequence owns its slab) once
+// the batches built so far have been computed; their key norms, kept by
+// batch rather than by cell, are shared where the device still holds them
+// and copied on the host where the observer already has them.
 //
 // A source the runner shifted after compressing it copies nothing (its
 // numbering no longer says which cells lie below length); CanResume then
@@ -54,10 +61,86 @@ func (c *Cache) CopyPrefix(srcSeq, dstSeq int, length int32) {
 	case !uniform:
 		dst.unmanaged = true
 	default:
-		// Every head of every layer holds the same positions: their norms
-		// came with the cells.
-		dst.fresh = slices.Clone(dst.layers[0].shared)
+		// Every head of every layer holds the same positions.
+		if err := c.copyNorms(src, dst, srcSeq, dstSeq, length); err != nil {
+			c.log.Warn("kvnorm: copy prefix: the copy is not compressed", "src", srcSeq, "dst", dstSeq, "error", err)
+			dst.dropFresh(0)
+			dst.unmanaged = true
+		}
 	}
+}
+
+// copyNorms gives dst the norms of its positions below length: the fresh
+// ones of src share their rows, those the compressor has recorded for src
+// are recorded for dst.
+func (c *Cache) copyNorms(src, dst *seqCells, srcSeq, dstSeq int, length int32) error {
+	for _, f := range src.fresh {
+		if f.pos < length {
+			dst.fresh = append(dst.fresh, f)
+			f.seg.ref(f.row)
+		}
+	}
+	if c.comp == nil {
+		return nil
+	}
+	return renumberNorms(c.comp, c.opts.Layers, c.opts.KVHeads, srcSeq, dstSeq, func(p int32) (int32, bool) { return p, p < length }, nil)
+}
+
+// renumberNorms records for seq to the norms comp has recorded for seq
+// from, at the positions move gives (ok false: dropped), calling before
+// (if set) once they are read and before they are recorded. Every head of a
+// layer must hold the same positions.
+func renumberNorms(comp interface {
+	Norms(hooks.SeqID, int, int) ([]hooks.Pos, []float32, error)
+	ObserveKeys(*hooks.KeyBatch) error
+}, layers, heads, from, to int, move func(int32) (int32, bool), before func()) error {
+	var batches []*hooks.KeyBatch
+	for li := range layers {
+		var pos []int32
+		var norms []float32
+		var ids []hooks.SeqID
+		var lanes [][]float32
+		for h := range heads {
+			p, n, err := comp.Norms(hooks.SeqID(from), li, h)
+			if err != nil {
+				// Nothing recorded for from yet.
+				if before != nil {
+					before()
+				}
+				return nil
+			}
+			if h == 0 {
+				pos = p
+			} else if !slices.Equal(p, pos) {
+				return fmt.Errorf("layer %d: heads 0 and %d hold different positions", li, h)
+			}
+			lanes = append(lanes, n)
+		}
+		var out []int32
+		for i, p := range pos {
+			q, ok := move(p)
+			if !ok {
+				continue
+			}
+			out = append(out, q)
+			ids = append(ids, hooks.SeqID(to))
+			for h := range heads {
+				norms = append(norms, lanes[h][i])
+			}
+		}
+		if len(out) > 0 {
+			batches = append(batches, &hooks.KeyBatch{Layer: li, Seqs: ids, Positions: out, Norms: norms})
+		}
+	}
+	if before != nil {
+		before()
+	}
+	for _, b := range batches {
+		if err := comp.ObserveKeys(b); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // runCopies performs the deferred prefix copies, in the graph being built or
@@ -81,10 +164,6 @@ func (c *Cache) runCopies() {
 			k := c.keys[li]
 			ctx.Forward(k.View(ctx, from*k.Stride(1), k.Dim(0), k.Stride(1), n, k.Stride(2), k.Dim(2)).
 				Copy(ctx, k.View(ctx, to*k.Stride(1), k.Dim(0), k.Stride(1), n, k.Stride(2), k.Dim(2))))
-			if nt := c.norms[li]; nt != nil {
-				ctx.Forward(nt.View(ctx, from*nt.Stride(1), nt.Dim(0), nt.Stride(1), n, nt.Stride(2), nt.Dim(2)).
-					Copy(ctx, nt.View(ctx, to*nt.Stride(1), nt.Dim(0), nt.Stride(1), n, nt.Stride(2), nt.Dim(2))))
-			}
 			v := c.values[li]
 			if c.config.PermutedV {
 				ctx.Forward(v.View(ctx, from*v.Stride(0), n, v.Stride(1), v.Dim(1), v.Stride(2), v.Dim(2)).

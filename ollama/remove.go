@@ -46,7 +46,8 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 		if err := c.lay.removeTail(s, begin); err != nil {
 			return fmt.Errorf("ollama: seq %d: %w", seq, err)
 		}
-		s.fresh = dropFrom(s.fresh, begin)
+		k, _ := slices.BinarySearchFunc(s.fresh, begin, func(f freshNorm, p int32) int { return int(f.pos - p) })
+		s.dropFresh(k)
 		// What follows is a new prompt: compress it when it ends.
 		s.prefilled, s.prefillDue = false, false
 		if obs := c.observer(); obs != nil {
@@ -92,21 +93,36 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 	}
 	ctx.Close()
 	s.shifted = true
-	// The positions were renumbered: the observer starts over from the
-	// norms, which moved with the cells.
-	if obs := c.observer(); obs != nil && !s.unmanaged {
-		if c.comp != nil && c.ext == nil {
-			c.comp.DropSequence(hooks.SeqID(seq))
+	// The positions were renumbered: so are the fresh ones and the norms
+	// the compressor recorded (a key's norm does not change when it is
+	// re-roped).
+	move := func(p int32) (int32, bool) {
+		switch {
+		case p < begin:
+			return p, true
+		case p < end:
+			return 0, false
 		}
-		s.fresh = slices.Clone(s.layers[0].shared)
+		return p - (end - begin), true
+	}
+	fresh := s.fresh[:0:0]
+	for _, f := range s.fresh {
+		if q, ok := move(f.pos); ok {
+			f.pos = q
+			fresh = append(fresh, f)
+		} else {
+			f.seg.release(f.row)
+		}
+	}
+	s.fresh = fresh
+	if c.comp != nil && c.ext == nil && !s.unmanaged {
+		drop := func() { c.comp.DropSequence(hooks.SeqID(seq)) }
+		if err := renumberNorms(c.comp, c.opts.Layers, c.opts.KVHeads, seq, seq, move, drop); err != nil {
+			drop()
+			return fmt.Errorf("ollama: seq %d: renumber key norms: %w", seq, err)
+		}
 	}
 	return c.shiftKeys(s, shifted, begin-end)
-}
-
-// dropFrom returns the ascending positions below begin.
-func dropFrom(pos []int32, begin int32) []int32 {
-	k, _ := slices.BinarySearch(pos, begin)
-	return pos[:k]
 }
 
 // shiftKeys re-ropes cells [shifted[li], n) of every layer of s by offset.
@@ -148,6 +164,7 @@ func (c *Cache) clearSeq(seq int) {
 		return
 	}
 	c.copies = slices.DeleteFunc(c.copies, func(op copyOp) bool { return op.dst == s.slab })
+	s.dropFresh(0)
 	c.lay.free(seq)
 	if c.ext != nil {
 		c.ext.Forget(hooks.SeqID(seq), 0, -1)
