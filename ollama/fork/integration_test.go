@@ -91,6 +91,7 @@ type server struct {
 	base   *url.URL
 	client *api.Client
 	log    *syncBuffer
+	pgid   int // the server's process group: it and its runners
 }
 
 func freePort(t *testing.T) int {
@@ -137,7 +138,7 @@ func startServer(t *testing.T, bin, models string, extra ...string) *server {
 		}
 	})
 	base := &url.URL{Scheme: "http", Host: host}
-	s := &server{base: base, client: api.NewClient(base, &http.Client{Timeout: 2 * time.Minute}), log: log}
+	s := &server{base: base, client: api.NewClient(base, &http.Client{Timeout: 2 * time.Minute}), log: log, pgid: pgid}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -4,7 +4,10 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -12,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -92,56 +96,89 @@ func (s *server) runningSize(t *testing.T) int64 {
 	return ps.Models[0].Size
 }
 
-// The runner's "kv cache" line and /api/ps see the smaller allocation: the
-// tiny synthetic llama (4 layers, 2 KV heads of 16 dims) at num_ctx 4096 and
-// num_batch 512. Layers 0-1 whole and 2-3 at 2048+512 cells: the keys and
-// values take 13312/16384 = 0.8125 of the full size, plus the norms (4 bytes
-// per cell and head beside 128 of K and V).
+// mini1B has the Llama-3.2-1B layout where the KV cache is concerned (16
+// layers, KV heads of 64 dims; one KV head instead of 8, which changes no
+// ratio) in a model of a few MB: at num_ctx 8192 and num_batch 512 its KV
+// sizes by policy are the 1B's, divided by 8.
+var mini1B = synth.Shape{Name: "mini-1b", Arch: "llama", Layers: 16, Heads: 2, KVHeads: 1, HeadDim: 64, Embd: 128, FFN: 128,
+	Vocab: 512, Ctx: 8192, RopeBase: 500000}
+
+// The runner's "kv cache" line and /api/ps see the smaller allocation.
+//
+//   - The tiny synthetic llama (4 layers, 2 KV heads of 16 dims) at num_ctx
+//     4096 and num_batch 512: layers 0-1 whole and 2-3 at 2048+512 cells,
+//     the keys and values take 13312/16384 = 0.8125 of the full size, plus
+//     the norm ring of every layer (2 × 512 rows of 4 bytes per KV head:
+//     32 KiB, 0.016 of the 2 MiB).
+//   - mini1B, the 1B's layout, at num_ctx 8192 and num_batch 512: keep 0.5
+//     with layers 0-1 whole must take at most 0.62 of the full size (issue
+//     10's target): the keys and values take (2×8192 + 14×4608)/(16×8192)
+//     = 0.617, the norm ring 0.002 (per-cell norms took 0.010 more: 0.627).
 func TestForkAllocation(t *testing.T) {
 	bin, _ := forkSetup(t)
-	tiny := filepath.Join(t.TempDir(), "tiny.gguf")
+	dir := t.TempDir()
+	tiny, mini := filepath.Join(dir, "tiny.gguf"), filepath.Join(dir, "mini1b.gguf")
 	require.NoError(t, synth.Write(tiny, synth.Shapes["tiny"], gguf.F16, 1))
+	require.NoError(t, synth.Write(mini, mini1B, gguf.F16, 1))
 	store := t.TempDir()
-	opts := map[string]any{"num_ctx": 4096, "num_batch": 512, "temperature": 0, "num_thread": 1, "num_predict": 4}
-	tests := []struct {
+	type row struct {
 		name  string
 		env   []string
 		ratio float64 // K+V cells over the full size
-	}{
-		{"off", nil, 1},
-		{"keep=1", []string{"OLLAMA_KV_NORM_KEEP=1"}, 1},
-		{"keep=0.5", []string{"OLLAMA_KV_NORM_KEEP=0.5"}, (2*4096 + 2*2560) / 16384.0},
-		{"keep=0.25", []string{"OLLAMA_KV_NORM_KEEP=0.25"}, (2*4096 + 2*1536) / 16384.0},
-		{"keep=0.5/skip=none", []string{"OLLAMA_KV_NORM_KEEP=0.5", "OLLAMA_KV_NORM_SKIP_LAYERS=none"}, 2560 / 4096.0},
 	}
-	var off float64
-	var offPS int64
-	for i, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			s := startServer(t, bin, store, tt.env...)
-			if i == 0 {
-				s.createModel(t, "tiny", tiny)
-			}
-			_, err := s.generateFull(t, "tiny", "hello world", opts)
-			require.NoError(t, err)
-			kv := kvCacheBytes(t, s.log.String())
-			ps := s.runningSize(t)
-			if tt.env == nil {
-				off, offPS = kv, ps
-				t.Logf("off: kv cache %.0f bytes, /api/ps %d", kv, ps)
-				return
-			}
-			require.NotZero(t, off)
-			// Norms: 4 bytes per (cell, head) beside 2×16×2 bytes of K
-			// and V in f16.
-			want := tt.ratio * (2*16*2 + 4) / (2 * 16 * 2)
-			t.Logf("%s: kv cache %.0f bytes (%.3f of off; expected %.3f), /api/ps %d (%.3f of off)", tt.name, kv, kv/off, want, ps, float64(ps)/float64(offPS))
-			// The log line has one decimal: 0.1 MiB of 2 MiB.
-			assert.InDelta(t, want, kv/off, 0.06)
-			if tt.ratio < 1 {
-				assert.Less(t, ps, offPS, "/api/ps sees the smaller cache")
-			}
-		})
+	models := []struct {
+		name, path string
+		numCtx     int
+		offBytes   float64 // K and V of every cell, f16
+		ringBytes  float64 // the norm rings of every layer
+		max        float64 // the bound keep=0.5 must meet (0: none)
+		tol        float64 // the log line's rounding (0.05 MiB) over offBytes
+		rows       []row
+	}{
+		{"tiny", tiny, 4096, 4 * 4096 * 2 * 2 * 16 * 2, 4 * 1024 * 2 * 4, 0, 0.025, []row{
+			{"off", nil, 1},
+			{"keep=1", []string{"OLLAMA_KV_NORM_KEEP=1"}, 1},
+			{"keep=0.5", []string{"OLLAMA_KV_NORM_KEEP=0.5"}, (2*4096 + 2*2560) / 16384.0},
+			{"keep=0.25", []string{"OLLAMA_KV_NORM_KEEP=0.25"}, (2*4096 + 2*1536) / 16384.0},
+			{"keep=0.5/skip=none", []string{"OLLAMA_KV_NORM_KEEP=0.5", "OLLAMA_KV_NORM_SKIP_LAYERS=none"}, 2560 / 4096.0},
+		}},
+		{"mini1b", mini, 8192, 16 * 8192 * 2 * 64 * 2, 16 * 1024 * 4, 0.62, 0.0016, []row{
+			{"off", nil, 1},
+			{"keep=0.5", []string{"OLLAMA_KV_NORM_KEEP=0.5"}, (2*8192 + 14*4608) / (16 * 8192.0)},
+		}},
+	}
+	for _, m := range models {
+		opts := map[string]any{"num_ctx": m.numCtx, "num_batch": 512, "temperature": 0, "num_thread": 1, "num_predict": 4}
+		var off float64
+		var offPS int64
+		for i, tt := range m.rows {
+			t.Run(m.name+"/"+tt.name, func(t *testing.T) {
+				s := startServer(t, bin, store, tt.env...)
+				if i == 0 {
+					s.createModel(t, m.name, m.path)
+				}
+				_, err := s.generateFull(t, m.name, "hello world", opts)
+				require.NoError(t, err)
+				kv := kvCacheBytes(t, s.log.String())
+				ps := s.runningSize(t)
+				if tt.env == nil {
+					off, offPS = kv, ps
+					assert.InDelta(t, m.offBytes, kv, m.tol*m.offBytes, "kv cache")
+					t.Logf("%s off: kv cache %.0f bytes, /api/ps %d", m.name, kv, ps)
+					return
+				}
+				require.NotZero(t, off)
+				want := tt.ratio + m.ringBytes/m.offBytes
+				t.Logf("%s %s: kv cache %.0f bytes (%.4f of off; expected %.4f), /api/ps %d (%.3f of off)", m.name, tt.name, kv, kv/off, want, ps, float64(ps)/float64(offPS))
+				assert.InDelta(t, want, kv/off, m.tol)
+				if tt.ratio < 1 {
+					assert.Less(t, ps, offPS, "/api/ps sees the smaller cache")
+				}
+				if m.max > 0 {
+					assert.LessOrEqual(t, kv/off, m.max, "issue 10's target")
+				}
+			})
+		}
 	}
 }
 
@@ -332,4 +369,105 @@ func TestForkChatSecondTurn(t *testing.T) {
 		}
 	}
 	_ = fmt.Sprint
+}
+
+// runnerPeakRSS returns the largest VmHWM (kB) of the server's runners.
+func (s *server) runnerPeakRSS(t *testing.T) int64 {
+	t.Helper()
+	var peak int64
+	for _, m := range groupMembers(s.pgid) {
+		pid, cmd, _ := strings.Cut(m, " ")
+		if !strings.Contains(cmd, " runner ") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", pid, "status"))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+				peak = max(peak, kb)
+			}
+		}
+	}
+	return peak
+}
+
+// createModelFile creates model name from a GGUF file too large to read
+// into memory at once.
+func (s *server) createModelFile(t *testing.T, name, path string) {
+	t.Helper()
+	f, err := os.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	h := sha256.New()
+	_, err = io.Copy(h, f)
+	require.NoError(t, err)
+	digest := "sha256:" + hex.EncodeToString(h.Sum(nil))
+	_, err = f.Seek(0, io.SeekStart)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	require.NoError(t, s.client.CreateBlob(ctx, digest, f))
+	stream := false
+	require.NoError(t, s.client.Create(ctx, &api.CreateRequest{Model: name, Files: map[string]string{filepath.Base(path): digest}, Stream: &stream},
+		func(api.ProgressResponse) error { return nil }))
+}
+
+// The figures of docs/results.md, "Ollama: KV memory by policy", on the
+// Llama-3.2-1B shape: set KVNORM_FORK_1B to its GGUF (`kvnorm synth --shape
+// llama-3.2-1b --type f16 --out FILE`), about 2.5 GB. One server per row,
+// num_ctx 8192, num_batch 512, a 4-token raw prompt, 4 tokens generated, 2
+// threads; it prints the table and checks issue 10's target (keep 0.5 with
+// layers 0-1 whole at most 0.62 of off, f16).
+//
+//	KVNORM_FORK_1B=/path/llama-1b-f16.gguf go test -count=1 -v -run TestFork1BMemory -timeout 60m ./ollama/fork/
+func TestFork1BMemory(t *testing.T) {
+	path := os.Getenv("KVNORM_FORK_1B")
+	if path == "" {
+		t.Skip("KVNORM_FORK_1B (a GGUF of the Llama-3.2-1B shape) not set")
+	}
+	root, err := findRepo()
+	require.NoError(t, err)
+	bin := ollamaBinary(t, root)
+	store := t.TempDir()
+	opts := map[string]any{"num_ctx": 8192, "num_batch": 512, "temperature": 0, "num_thread": 2, "num_predict": 4}
+	q8 := []string{"OLLAMA_KV_CACHE_TYPE=q8_0", "OLLAMA_FLASH_ATTENTION=1"}
+	rows := []struct {
+		cache, policy string
+		env           []string
+	}{
+		{"f16", "off", nil},
+		{"f16", "keep=1", []string{"OLLAMA_KV_NORM_KEEP=1"}},
+		{"f16", "keep=0.5", []string{"OLLAMA_KV_NORM_KEEP=0.5"}},
+		{"f16", "keep=0.25", []string{"OLLAMA_KV_NORM_KEEP=0.25"}},
+		{"q8_0, flash attention", "off", q8},
+		{"q8_0, flash attention", "keep=0.5", append([]string{"OLLAMA_KV_NORM_KEEP=0.5"}, q8...)},
+	}
+	table := []string{"| cache | policy | kv cache | × off | ps bytes | peak RSS kB |", "| --- | --- | ---: | ---: | ---: | ---: |"}
+	offKV := map[string]float64{}
+	for i, r := range rows {
+		s := startServer(t, bin, store, append([]string{"OLLAMA_DEBUG=1"}, r.env...)...)
+		if i == 0 {
+			s.createModelFile(t, "llama1b", path)
+		}
+		_, err := s.generateFull(t, "llama1b", "Once upon a time", opts)
+		require.NoError(t, err, "%s %s", r.cache, r.policy)
+		kv := kvCacheBytes(t, s.log.String())
+		ps := s.runningSize(t)
+		rss := s.runnerPeakRSS(t)
+		if r.policy == "off" {
+			offKV[r.cache] = kv
+		}
+		ratio := kv / offKV[r.cache]
+		table = append(table, fmt.Sprintf("| %s | %s | %.1f MiB | %.3f | %d | %d |", r.cache, r.policy, kv/(1<<20), ratio, ps, rss))
+		if r.cache == "f16" && r.policy == "keep=0.5" {
+			assert.LessOrEqual(t, ratio, 0.62, "issue 10's target")
+		}
+		// Free the memory before the next server.
+		require.NoError(t, syscall.Kill(-s.pgid, syscall.SIGKILL))
+		waitGroupGone(s.pgid, 30*time.Second)
+	}
+	t.Log("\n" + strings.Join(table, "\n"))
 }
