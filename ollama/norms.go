@@ -291,9 +291,9 @@ func (c *Cache) report(all bool, seqs ...int) error {
 			positions := make([]int32, len(f))
 			ids := make([]hooks.SeqID, len(f))
 			for j, e := range f {
-				all := data[e.seg]
+				buf := data[e.seg]
 				for head := range h {
-					norms[j*h+head] = all[head*e.seg.rows+int(e.row)]
+					norms[j*h+head] = buf[head*e.seg.rows+int(e.row)]
 				}
 				positions[j], ids[j] = e.pos, hooks.SeqID(seq)
 			}
