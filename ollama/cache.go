@@ -384,7 +384,7 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		c.graph = nil
 	}()
 	c.runCopies()
-	if err := c.prefillReady(); err != nil {
+	if err := c.prefillReady(batch.Sequences); err != nil {
 		return err
 	}
 

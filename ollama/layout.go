@@ -90,8 +90,9 @@ type seqCells struct {
 	// given yet, ascending: they are the last len(fresh) cells of every
 	// layer (a compaction reports them first, so they stay at the end).
 	fresh []int32
-	// newest counts the fresh positions placed by the batch newestBatch
-	// (the cache's last batch while it may still be computing).
+	// newest counts the fresh positions placed by the sequence's newest
+	// batch, newestBatch (in pipelined mode they are not read before the
+	// sequence's next batch, whatever was placed in between).
 	newest      int
 	newestBatch uint64
 	// prefillBatch is the batch that ended the prompt (prefillDue).

@@ -22,10 +22,10 @@ import (
 // still be computing, and once it has, its outputs (the logits the runner
 // samples from) live in the scheduler's buffers until the runner reads them,
 // after StartForward; any graph computed in between overwrites them. So in
-// pipelined mode the cache reads only the norms of batches placed before the
-// last one: the runner starts computing a batch only after the one before
-// has finished on the CPU (their computes are serialised), so those norms
-// are written. On backends whose compute returns before the device is done
+// pipelined mode the cache reads, of a sequence, only the norms of batches
+// placed before the sequence's newest one (which may be the last one): the
+// runner starts computing a batch only after the one before has finished on
+// the CPU (their computes are serialised), so those norms are written. On backends whose compute returns before the device is done
 // (CUDA, Metal), a batch without outputs may still be running then: the
 // runner gives no safe point to wait for it (issue 13, item 1, stays open
 // for those backends). Without pipelining (Session, Engine, Flush) every
@@ -41,11 +41,12 @@ import (
 // fails. Norms kept by position rather than by cell would close it.
 
 // readable returns how many of the fresh positions of s may be read now.
+// In pipelined mode the positions of the sequence's newest batch are not
+// read, even when a later batch (of other sequences) has been placed since:
+// what a compression of a sequence plans over must not depend on whether
+// the runner batched other sequences beside it (see prefillReady).
 func (c *Cache) readable(s *seqCells, all bool) int {
-	switch {
-	case all || !c.opts.Pipelined:
-		return len(s.fresh)
-	case s.newestBatch != c.batches:
+	if all || !c.opts.Pipelined {
 		return len(s.fresh)
 	}
 	return len(s.fresh) - s.newest
@@ -161,5 +162,5 @@ func (c *Cache) Flush() error {
 		return err
 	}
 	c.runCopies()
-	return c.prefillReady()
+	return c.prefillReady(nil)
 }
