@@ -25,12 +25,13 @@ import (
 // pipelined mode the cache reads, of a sequence, only the norms of batches
 // placed before the sequence's newest one (which may be the last one): the
 // runner starts computing a batch only after the one before has finished on
-// the CPU (their computes are serialised), so those norms are written. On backends whose compute returns before the device is done
-// (CUDA, Metal), a batch without outputs may still be running then: the
-// runner gives no safe point to wait for it (issue 13, item 1, stays open
-// for those backends). Without pipelining (Session, Engine, Flush) every
-// placed batch has been computed and its outputs read: the cache waits for
-// the backend (sync) and reads everything.
+// the CPU (their computes are serialised), so those norms are written. On
+// backends whose compute returns before the device is done (CUDA, Metal), a
+// batch without outputs may still be running then: the runner gives no safe
+// point to wait for it (issue 13, item 1, stays open for those backends).
+// Without pipelining (Session, Engine, Flush) every placed batch has been
+// computed and its outputs read: the cache waits for the backend (sync) and
+// reads everything.
 //
 // Known gap: a compaction in the graph of the last batch moves the fresh
 // cells' norms, and a compression of the same sequence at the very next
