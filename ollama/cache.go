@@ -411,7 +411,7 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		c.graph = nil
 	}()
 	c.runCopies()
-	if err := c.prefillReady(); err != nil {
+	if err := c.prefillReady(batch.Sequences); err != nil {
 		return err
 	}
 
@@ -467,6 +467,7 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 			}
 		}
 		s := cells[i]
+		s.newestBatch = c.batches
 		if err := c.lay.appendTokens(s, pos); err != nil {
 			return fmt.Errorf("ollama: seq %d: %w", seq, err)
 		}

@@ -33,8 +33,18 @@ import (
 // not compound (a context of L positions keeps Target(L) whatever happened
 // before).
 
-// prefillReady compresses the sequences whose prompt has been decoded.
-func (c *Cache) prefillReady() error {
+// prefillReady compresses the sequences whose prompt has been decoded;
+// placing lists the sequences of the batch being placed (nil inside Flush).
+//
+// In pipelined mode a sequence is compressed when its own second batch after
+// the prompt is placed (in the runner: the graph of its second generated
+// token), whatever other sequences were placed in between: the runner may
+// leave a sequence out of a full batch, and the moment of its compression,
+// the positions it plans over and its target must depend only on the
+// sequence's own batches, not on what was batched beside it (issue 10).
+// The prompt's norms are read then; the first generated token, placed by
+// the sequence's newest batch, is never read (norms.go) and is kept.
+func (c *Cache) prefillReady(placing []int) error {
 	var due []int
 	for seq, s := range c.lay.seqs {
 		if s.prefillDue {
@@ -48,11 +58,9 @@ func (c *Cache) prefillReady() error {
 			s.prefillDue, s.prefilled = false, true
 			continue
 		}
-		if c.opts.Pipelined && !c.flushing && s.prefillBatch == c.batches {
-			// The prompt's last batch may still be computing: its norms
-			// are read once the next batch is placed (the prompt is then
-			// compressed in the graph of the second generated token, the
-			// first one kept).
+		if c.opts.Pipelined && !c.flushing && (!slices.Contains(placing, seq) || s.newestBatch == s.prefillBatch) {
+			// Not the sequence's own batch, or the prompt's last batch is
+			// the sequence's newest: its norms are not read yet.
 			continue
 		}
 		s.prefillDue, s.prefilled = false, true

@@ -91,6 +91,10 @@ type seqCells struct {
 	// the last len(fresh) cells of every layer (a compaction keeps them, at
 	// the end).
 	fresh []freshNorm
+	// newestBatch is the sequence's newest batch: in pipelined mode the
+	// norms it placed are not read before the sequence's next batch,
+	// whatever was placed in between (norms.go, report).
+	newestBatch uint64
 	// prefillBatch is the batch that ended the prompt (prefillDue).
 	prefillBatch uint64
 	// prefillDue is set when a batch with an output for the sequence was

@@ -31,6 +31,12 @@ import (
 // due, the ring is full, Flush), so a decode step with nothing due
 // transfers nothing.
 //
+// What a compression of a sequence plans over must not depend on what the
+// runner batched beside it: in pipelined mode the norms of a sequence's
+// newest batch are not read, even when later batches (of other sequences)
+// have been placed since, and its prompt is compressed at its own second
+// batch after the prompt (prefillReady).
+//
 // When may a norm be read? Only once the graph that wrote it has run on
 // the device. Ollama's backend offers two ways to know: a graph computed on
 // its scheduler and read back waits for everything submitted before it
@@ -261,6 +267,16 @@ func (c *Cache) report(all bool, seqs ...int) error {
 			}
 			return 1
 		})
+		if c.opts.Pipelined && !all {
+			// Not the sequence's newest batch (see the top of this file).
+			m, _ := slices.BinarySearchFunc(s.fresh, s.newestBatch, func(f freshNorm, b uint64) int {
+				if f.batch < b {
+					return -1
+				}
+				return 1
+			})
+			n = min(n, m)
+		}
 		count[seq] = n
 		return n == 0
 	})
@@ -358,5 +374,5 @@ func (c *Cache) Flush() error {
 		return err
 	}
 	c.runCopies()
-	return c.prefillReady()
+	return c.prefillReady(nil)
 }

@@ -35,7 +35,7 @@ import (
 // ollamaBinary returns bin/ollama, building it with this tool when it is
 // missing. The test skips only when the build reports a missing
 // prerequisite (exit status 2), with the reason.
-func ollamaBinary(t *testing.T, root string) string {
+func ollamaBinary(t testing.TB, root string) string {
 	t.Helper()
 	bin := filepath.Join(root, "bin", "ollama")
 	if _, err := os.Stat(bin); err == nil {
@@ -46,10 +46,12 @@ func ollamaBinary(t *testing.T, root string) string {
 		t.Skipf("bin/ollama cannot be built: %s", strings.TrimSpace(string(b)))
 	}
 	ctx := context.Background()
-	if d, ok := t.Deadline(); ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, d.Add(-30*time.Second))
-		defer cancel()
+	if dt, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
+		if d, ok := dt.Deadline(); ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithDeadline(ctx, d.Add(-30*time.Second))
+			defer cancel()
+		}
 	}
 	tool := filepath.Join(t.TempDir(), "ollama-fork")
 	gobuild := exec.CommandContext(ctx, "go", "build", "-o", tool, ".")
@@ -94,7 +96,7 @@ type server struct {
 	pgid   int // the server's process group: it and its runners
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -106,7 +108,7 @@ func freePort(t *testing.T) int {
 // and extra environment. The server runs in its own process group, which
 // also holds the runners it starts; the whole group is killed when the test
 // ends, and the test fails if any of its processes survives.
-func startServer(t *testing.T, bin, models string, extra ...string) *server {
+func startServer(t testing.TB, bin, models string, extra ...string) *server {
 	t.Helper()
 	host := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	var env []string
@@ -224,7 +226,7 @@ func (s *server) generate(t *testing.T, model, prompt string, options map[string
 }
 
 // createModel uploads the GGUF as a blob and creates model name from it.
-func (s *server) createModel(t *testing.T, name, gguf string) {
+func (s *server) createModel(t testing.TB, name, gguf string) {
 	t.Helper()
 	b, err := os.ReadFile(gguf)
 	require.NoError(t, err)

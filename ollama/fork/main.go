@@ -4,7 +4,7 @@
 //	go build -o bin/ollama-fork ./ollama/fork && bin/ollama-fork -out build/ollama-fork -bin bin/ollama
 //
 // It copies the module source from the Go module cache to <out>/src, inserts
-// two calls into it (see package kvnormhook; nothing of Ollama is committed
+// three calls into it (see package kvnormhook; nothing of Ollama is committed
 // to kvnorm), writes <out>/go.work joining that copy with the kvnorm
 // repository, and runs `go build` in the copy. ggml's miniaudio header comes
 // from the Go module github.com/gen2brain/malgo; nlohmann-json and stb come
@@ -27,6 +27,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -76,6 +77,24 @@ var patches = []patch{
 	if tok, err = kvnormhook.CheckServer(tok, modelPath, f, len(projectors), opts.NumCtx); err != nil {
 		return nil, err
 	}
+`,
+	},
+	{
+		// forwardBatch, at the top of its loop over the sequences, before
+		// a sequence's inputs are added to the batch.
+		file: "runner/ollamarunner/runner.go",
+		anchor: `		if !s.cache.enabled {
+			seq.inputs = append(seq.cache.Inputs, seq.inputs...)
+			seq.cache.Inputs = []*input.Input{}
+		}
+`,
+		insert: `		// kvnorm: with compression on, one sequence per forward pass, so that an answer does not depend on what is batched beside it.
+		if len(batchInputs) > 0 && kvnormhook.OneSequencePerBatch() {
+			if resumeSeq == -1 {
+				resumeSeq = seqIdx
+			}
+			break
+		}
 `,
 	},
 }
@@ -132,8 +151,8 @@ func build(out, bin, repo, version string) error {
 	if err := copySource(modDir, src, modVersion); err != nil {
 		return err
 	}
-	for _, p := range patches {
-		if err := apply(modDir, src, p); err != nil {
+	for _, file := range patchedFiles() {
+		if err := apply(modDir, src, file); err != nil {
 			return err
 		}
 	}
@@ -329,21 +348,39 @@ func copyFile(src, dst string, mode fs.FileMode) error {
 	return out.Close()
 }
 
-// apply patches the pristine file from the module cache into the copy, so
-// that running the tool twice gives the same source.
-func apply(modDir, src string, p patch) error {
-	b, err := os.ReadFile(filepath.Join(modDir, p.file))
-	if err != nil {
-		return err
+// patchedFiles lists the files patches change, once each, in order.
+func patchedFiles() []string {
+	var files []string
+	for _, p := range patches {
+		if !slices.Contains(files, p.file) {
+			files = append(files, p.file)
+		}
 	}
-	patched, err := insert(string(b), p)
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(filepath.Join(src, p.file), []byte(patched), 0o644)
+	return files
 }
 
-// insert adds the hook import and p.insert after p.anchor.
+// apply patches the pristine file from the module cache into the copy, every
+// patch of the file in order, so that running the tool twice gives the same
+// source.
+func apply(modDir, src, file string) error {
+	b, err := os.ReadFile(filepath.Join(modDir, file))
+	if err != nil {
+		return err
+	}
+	code := string(b)
+	for _, p := range patches {
+		if p.file != file {
+			continue
+		}
+		if code, err = insert(code, p); err != nil {
+			return err
+		}
+	}
+	return os.WriteFile(filepath.Join(src, file), []byte(code), 0o644)
+}
+
+// insert adds p.insert after p.anchor, and the hook import unless the file
+// already has it.
 func insert(code string, p patch) (string, error) {
 	if n := strings.Count(code, p.anchor); n != 1 {
 		return "", fmt.Errorf("%s: the code kvnorm hooks after occurs %d times, want 1 (is this Ollama v0.24.0?):\n%s", p.file, n, p.anchor)
@@ -352,6 +389,9 @@ func insert(code string, p patch) (string, error) {
 	const imp = "import (\n"
 	if !strings.Contains(code, imp) {
 		return "", fmt.Errorf("%s: no import block", p.file)
+	}
+	if strings.Contains(code, imp+"\t"+hookImport+"\n") {
+		return code, nil
 	}
 	return strings.Replace(code, imp, imp+"\t"+hookImport+"\n", 1), nil
 }

@@ -33,6 +33,36 @@ func TestPatchesApplyToPinnedOllama(t *testing.T) {
 	}
 }
 
+// A file with several patches gets every call and one import.
+func TestApplyPatchesOneFile(t *testing.T) {
+	root, err := findRepo()
+	require.NoError(t, err)
+	modDir, _, err := moduleDir(root)
+	if err != nil {
+		t.Skipf("Ollama module unavailable: %v", err)
+	}
+	src := t.TempDir()
+	calls := 0
+	for _, file := range patchedFiles() {
+		require.NoError(t, os.MkdirAll(filepath.Join(src, filepath.Dir(file)), 0o755))
+		require.NoError(t, apply(modDir, src, file))
+		b, err := os.ReadFile(filepath.Join(src, file))
+		require.NoError(t, err)
+		want := 0
+		for _, p := range patches {
+			if p.file == file {
+				want++
+				assert.Contains(t, string(b), p.anchor+p.insert)
+			}
+		}
+		assert.Equal(t, want, strings.Count(string(b), "kvnormhook."), file)
+		assert.Equal(t, 1, strings.Count(string(b), hookImport), file)
+		calls += want
+	}
+	assert.Equal(t, len(patches), calls)
+	assert.Equal(t, []string{"runner/ollamarunner/runner.go", "llm/server.go"}, patchedFiles())
+}
+
 func TestInsertRefusesChangedSource(t *testing.T) {
 	p := patches[0]
 	_, err := insert("package x\nimport (\n)\n", p)

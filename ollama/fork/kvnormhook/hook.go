@@ -1,6 +1,6 @@
-// Package kvnormhook is the code kvnorm's Ollama fork calls: two calls
-// inserted in Ollama v0.24.0 by kvnorm's build tool (package fork), both
-// no-ops unless OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is set.
+// Package kvnormhook is the code kvnorm's Ollama fork calls: calls inserted
+// in Ollama v0.24.0 by kvnorm's build tool (package fork), all no-ops unless
+// OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is set.
 //
 //	llm/server.go, NewLlamaServer, after Ollama's own choice of the Go engine:
 //	    if tok, err = kvnormhook.CheckServer(tok, modelPath, f, len(projectors), opts.NumCtx); err != nil { return nil, err }
@@ -30,6 +30,14 @@
 //	OLLAMA_KV_NORM_WINDOW       last positions always kept (default 0)
 //	OLLAMA_KV_NORM_MIN_PROMPT   prompts shorter than this are not compressed
 //	OLLAMA_KV_NORM_AGGREGATE    per-token score: mean-rank (default), ...
+//	OLLAMA_KV_NORM_BATCHING     per-sequence (default) or shared forward passes
+//
+// A third call makes the runner's forward passes hold one sequence each while
+// compression is on (OneSequencePerBatch), so that an answer does not depend
+// on what is batched beside it:
+//
+//	runner/ollamarunner/runner.go, forwardBatch, before a sequence's inputs are added:
+//	    if len(batchInputs) > 0 && kvnormhook.OneSequencePerBatch() { ...; break }
 package kvnormhook
 
 import (
@@ -73,6 +81,9 @@ func PolicyFromEnv(getenv func(string) string) (*adapter.Policy, error) {
 	get := func(k string) string { return strings.TrimSpace(getenv(k)) }
 	bad := func(k, v, want string) error {
 		return fmt.Errorf("%w: %s=%q: %s", ErrEnv, k, v, want)
+	}
+	if _, err := BatchingFromEnv(getenv); err != nil {
+		return nil, err
 	}
 	p := adapter.DefaultPolicy()
 	p.Granularity = hooks.PerHead

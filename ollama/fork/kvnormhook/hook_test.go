@@ -56,6 +56,7 @@ func TestPolicyFromEnvRefuses(t *testing.T) {
 		EnvWindow:      {EnvWindow: "many"},
 		EnvMinPrompt:   {EnvMinPrompt: "1.5"},
 		EnvAggregate:   {EnvAggregate: "median"},
+		EnvBatching:    {EnvKeep: "0.5", EnvBatching: "together"},
 	} {
 		_, err := PolicyFromEnv(env(kv))
 		require.ErrorIs(t, err, ErrEnv, name)
@@ -175,4 +176,15 @@ func TestDecideServer(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestBatchingFromEnv(t *testing.T) {
+	for v, want := range map[string]bool{"": true, "per-sequence": true, " Per-Sequence ": true, "shared": false, "SHARED": false} {
+		got, err := BatchingFromEnv(env(map[string]string{EnvBatching: v}))
+		require.NoError(t, err, v)
+		assert.Equal(t, want, got, v)
+	}
+	_, err := BatchingFromEnv(env(map[string]string{EnvBatching: "1"}))
+	assert.ErrorIs(t, err, ErrEnv)
+	assert.ErrorContains(t, err, EnvBatching)
 }
