@@ -4,6 +4,8 @@ package ollama
 
 import (
 	"fmt"
+	"math"
+	"math/rand/v2"
 	"slices"
 	"testing"
 
@@ -272,42 +274,127 @@ func distinctRatio(toks []int32, n int) float64 {
 	return float64(len(seen)) / float64(total)
 }
 
+// sampledTexts returns k texts of n tokens sampled (temperature 1, seeds
+// 0..k-1) from the uncompressed model, BOS first: text the model itself
+// finds likely, so an end-of-story token becomes a new BOS.
+func sampledTexts(t *testing.T, k, n int) [][]int32 {
+	t.Helper()
+	texts := make([][]int32, k)
+	for i := range texts {
+		s := open(t, Config{Upstream: true, Context: n + 16, Batch: 16})
+		rng := rand.New(rand.NewPCG(uint64(i), 7))
+		ids := []int32{1}
+		logits, err := s.Decode(0, ids)
+		require.NoError(t, err)
+		for len(ids) < n {
+			next := Sample(logits, 1, rng)
+			if s.IsEOS(next) {
+				next = 1
+			}
+			ids = append(ids, next)
+			logits, err = s.Decode(0, []int32{next})
+			require.NoError(t, err)
+		}
+		texts[i] = ids
+		require.NoError(t, s.Close())
+	}
+	return texts
+}
+
+// logProb is the natural log of the softmax of logits at tok.
+func logProb(logits []float32, tok int32) float64 {
+	m := math.Inf(-1)
+	for _, v := range logits {
+		m = math.Max(m, float64(v))
+	}
+	var sum float64
+	for _, v := range logits {
+		sum += math.Exp(float64(v) - m)
+	}
+	return float64(logits[tok]) - m - math.Log(sum)
+}
+
+// pastTheCache runs one sampled text through a session of numCtx cells, one
+// token at a time with the runner's context shift, and returns the mean
+// negative log-likelihood of the text's tokens past numCtx (teacher-forced),
+// then the distinct 4-gram ratio of a greedy answer of n tokens past the
+// cache from the text's first 30 tokens.
+func pastTheCache(t *testing.T, open func() *Session, text []int32, n, numCtx, numKeep int) (nll, distinct float64) {
+	t.Helper()
+	s := open()
+	logits, err := s.Decode(0, text[:1])
+	require.NoError(t, err)
+	var sum float64
+	for i := 1; i < len(text); i++ {
+		if i >= numCtx {
+			sum -= logProb(logits, text[i])
+		}
+		if int(s.Len(0))+1 > numCtx {
+			discard := int32(max((numCtx-numKeep)/2, 1))
+			require.NoError(t, s.Remove(0, int32(numKeep), int32(numKeep)+discard), "the shift is accepted: no re-decode")
+		}
+		logits, err = s.Decode(0, text[i:i+1])
+		require.NoError(t, err)
+	}
+	require.NoError(t, s.Close())
+	s = open()
+	got := generateShifting(t, s, text[:30], n, numCtx, numKeep)
+	require.NoError(t, s.Close())
+	return sum / float64(len(text)-numCtx), distinctRatio(got[numCtx-30:], 4)
+}
+
 // An answer four times the context: the compressed cache keeps serving it
 // (compressed layers evict by norm, the runner's shifts renumber), never
 // refusing a shift. Coherence criterion, fixed before measuring: the
 // distinct 4-gram ratio of the tokens generated past num_ctx is at least 3/4
-// of the ratio with Ollama's own context shift. Per-token knorm meets it on
-// stories260K (measured 0.713 vs 0.737); per-head knorm does not (0.470, or
-// 0.64 of the baseline): it is reported, not asserted, and listed as open in
-// ollama/README.md.
+// of the ratio with Ollama's own context shift. It is a mean over 6 sampled
+// texts: one prompt (the first version of this test) is noise, its per-head
+// ratio was 0.64 of the shift's where 6 texts give 1.07 (per-sample ratios
+// of the shift itself range 0.34–0.81). The teacher-forced perplexity past
+// the cache is logged, not asserted: on stories260K at keep 0.5 both
+// granularities predict the text past the cache worse than the shift
+// (docs/results.md).
 func TestAnswerPastTheCache(t *testing.T) {
-	const numCtx, numKeep, n = 128, 4, 512
-	up := open(t, Config{Upstream: true, Context: numCtx, Batch: 16})
-	base := generateShifting(t, up, longPrompt(t, up, 30), n, numCtx, numKeep)
+	const numCtx, numKeep, n, samples = 128, 4, 512, 6
+	texts := sampledTexts(t, samples, n)
+	measure := func(open func() *Session) (nll, distinct float64) {
+		for _, text := range texts {
+			l, d := pastTheCache(t, open, text, n, numCtx, numKeep)
+			nll += l / samples
+			distinct += d / samples
+		}
+		return nll, distinct
+	}
+	baseNLL, baseDistinct := measure(func() *Session { return open(t, Config{Upstream: true, Context: numCtx, Batch: 16}) })
 	for _, pol := range []*adapter.Policy{perToken(0.5), perHead(0.5)} {
 		t.Run(pol.Granularity.String(), func(t *testing.T) {
-			s := open(t, Config{Policy: pol, Context: numCtx, Batch: 16, Pipelined: true})
-			got := generateShifting(t, s, longPrompt(t, s, 30), n, numCtx, numKeep)
-			cells := s.Cache().LayerCells()
-			for l, c := range s.Cache().Usage(0).Cells {
-				assert.LessOrEqual(t, c, cells[l])
-			}
-			var pressure int
-			for _, st := range s.Cache().Stats() {
-				if st.Trigger == "pressure" {
-					pressure++
-				}
-			}
-			assert.Positive(t, pressure)
-			past := numCtx - 30
-			rb, rg := distinctRatio(base[past:], 4), distinctRatio(got[past:], 4)
-			text, _ := s.Detokenize(got[len(got)-60:])
-			t.Logf("distinct 4-grams past the cache: shift %.3f, kvnorm %.3f = %.2f of it (%d compressions under pressure); end: %q", rb, rg, rg/rb, pressure, text)
-			if pol.Granularity == hooks.PerToken {
-				assert.GreaterOrEqual(t, rg, 0.75*rb)
-			}
+			nll, distinct := measure(func() *Session {
+				return open(t, Config{Policy: pol, Context: numCtx, Batch: 16, Pipelined: true})
+			})
+			t.Logf("past the cache (%d sampled texts): distinct 4-grams of greedy answers: shift %.3f, kvnorm %.3f = %.2f of it; teacher-forced perplexity: shift %.3f, kvnorm %.3f (%+.1f%%)",
+				samples, baseDistinct, distinct, distinct/baseDistinct, math.Exp(baseNLL), math.Exp(nll), 100*(math.Exp(nll-baseNLL)-1))
+			assert.GreaterOrEqual(t, distinct, 0.75*baseDistinct)
 		})
 	}
+}
+
+// Decoding past the cache compresses under pressure and stays within the
+// cells allocated.
+func TestAnswerPastTheCacheStaysInCells(t *testing.T) {
+	const numCtx, numKeep = 128, 4
+	s := open(t, Config{Policy: perHead(0.5), Context: numCtx, Batch: 16, Pipelined: true})
+	generateShifting(t, s, longPrompt(t, s, 30), 4*numCtx, numCtx, numKeep)
+	cells := s.Cache().LayerCells()
+	for l, c := range s.Cache().Usage(0).Cells {
+		assert.LessOrEqual(t, c, cells[l])
+	}
+	var pressure int
+	for _, st := range s.Cache().Stats() {
+		if st.Trigger == "pressure" {
+			pressure++
+		}
+	}
+	assert.Positive(t, pressure)
 }
 
 // A shift of a compressed sequence keeps its cells and moves only its

@@ -60,7 +60,7 @@ var patches = []patch{
 	}
 `,
 		insert: `	// kvnorm: replace the KV cache; a no-op unless OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is set.
-	if err := kvnormhook.Install(s.model); err != nil {
+	if err := kvnormhook.Install(s.model, kvSize/max(parallel, 1)); err != nil {
 		return err
 	}
 `,

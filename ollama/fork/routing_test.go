@@ -74,4 +74,18 @@ func TestRouting(t *testing.T) {
 		assert.Contains(t, log, "budget=256 >= the context of 256 cells")
 		assert.Contains(t, log, routed)
 	})
+	t.Run("sinks+window cover num_ctx on the Go engine Ollama chose: Ollama's cache stays", func(t *testing.T) {
+		// OLLAMA_NEW_ENGINE=1 (startServer's default): the model reaches the
+		// Go-engine runner without kvnorm routing it, and the runner knows
+		// num_ctx only from its load request.
+		s := startServer(t, bin, store, "OLLAMA_KV_NORM_KEEP=0.5", "OLLAMA_KV_NORM_WINDOW=300")
+		_, err := s.generate(t, "stories", prompt, opts)
+		require.NoError(t, err)
+		log := s.log.String()
+		assert.Contains(t, log, `msg="kvnorm: OLLAMA_KV_NORM_SINKS+OLLAMA_KV_NORM_WINDOW does not fit this model"`)
+		assert.Contains(t, log, goEngine)
+		assert.Contains(t, log, `msg="kvnorm: cache not installed: compression would be off" num_ctx=256`)
+		assert.NotContains(t, log, "kvnorm: cache installed")
+		assert.NotContains(t, log, "kvnorm: compressed")
+	})
 }

@@ -13,17 +13,20 @@ import (
 
 // Install is called by the Go-engine runner right after model.New: with
 // compression on, it puts kvnorm's cache in place of the model's. A model
-// kvnorm cannot compress runs with Ollama's own cache and a warning.
-func Install(m model.Model) error {
+// kvnorm cannot compress runs with Ollama's own cache and a warning. numCtx
+// is the context of one sequence (the runner's kvSize / parallel): settings
+// that turn compression off at that context (SINKS+WINDOW covering it) leave
+// Ollama's own cache in place, as the server's check (CheckServer) said.
+func Install(m model.Model, numCtx int) error {
 	p, err := PolicyFromEnv(nil)
 	if err != nil || p == nil {
 		return err
 	}
 	// The server has logged why (CheckServer); the runner only follows.
 	layers := int(m.Backend().Config().Uint("block_count"))
-	for _, mm := range p.CheckModel(layers, 0) {
+	for _, mm := range p.CheckModel(layers, max(numCtx, 0)) {
 		if mm.Off {
-			slog.Debug("kvnorm: cache not installed", "problem", mm.Problem)
+			slog.Info("kvnorm: cache not installed: compression would be off", "num_ctx", numCtx, "problem", mm.Problem)
 			return nil
 		}
 	}
