@@ -91,5 +91,13 @@ func (e *Engine) Live(seq hooks.SeqID) (int, int64, error) { return 0, 0, ErrNoC
 // RemoveSequence returns ErrNoCgo.
 func (e *Engine) RemoveSequence(seq hooks.SeqID) error { return ErrNoCgo }
 
+// RecordAttention returns ErrNoCgo (nil for nil).
+func (e *Engine) RecordAttention(f func(*Attention) error) error {
+	if f == nil {
+		return nil
+	}
+	return ErrNoCgo
+}
+
 // Close does nothing.
 func (e *Engine) Close() error { return nil }
