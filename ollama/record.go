@@ -118,7 +118,7 @@ func startRecorder(m model.Model, c *Cache) (*recorder, error) {
 	}
 	r.bufs = c.backend.NewContextSize(len(r.linears))
 	for i, lin := range r.linears {
-		r.q = append(r.q, r.bufs.Layer(i).Empty(ml.DTypeF32, r.headDim*heads*c.maxBatch))
+		r.q = append(r.q, r.bufs.Input().Empty(ml.DTypeF32, r.headDim*heads*c.maxBatch))
 		r.orig = append(r.orig, lin.Weight)
 		lin.Weight = &queryTap{Tensor: lin.Weight, rec: r, layer: i}
 	}
