@@ -22,6 +22,9 @@ func Open(path string, cfg Config) (*Session, error) { return nil, ErrNoCgo }
 // Close does nothing.
 func (s *Session) Close() error { return nil }
 
+// SetBatch returns ErrNoCgo.
+func (s *Session) SetBatch(n int) error { return ErrNoCgo }
+
 // Cache returns nil.
 func (s *Session) Cache() *Cache { return nil }
 
