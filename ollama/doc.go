@@ -38,5 +38,11 @@
 // cache is a *kvcache.WrapperCache (gemma2/3/3n, llama4, mllama, gpt-oss,
 // olmo3, ...) or holds latent vectors (deepseek2) are refused by Install.
 //
+// Engine.RecordAttention (llama models) reconstructs the attention
+// probabilities of every forward pass, which Ollama's engine computes inside
+// the model and never exposes: the layers' attn_q weights are wrapped to keep
+// the pass's roped queries, and softmax(q·k/√d) is computed on the host from
+// them and the cache's keys (record.go).
+//
 // Everything that loads a model needs cgo; without it Open returns ErrNoCgo.
 package ollama

@@ -33,6 +33,9 @@ type Engine struct {
 	c    *Cache
 	obs  hooks.Observer
 	info hooks.EngineInfo
+	// rec and attn record attention (record.go) while attn is set.
+	rec  *recorder
+	attn func(*Attention) error
 }
 
 var (
@@ -213,6 +216,11 @@ func (e *Engine) run(seq hooks.SeqID, tokens []int32, all, flush bool) ([][]floa
 		if err != nil {
 			return nil, err
 		}
+		if e.attn != nil {
+			if err := e.reportAttention(); err != nil {
+				return nil, err
+			}
+		}
 		out = append(out, rows...)
 		off += n
 	}
@@ -291,4 +299,7 @@ func (e *Engine) RemoveSequence(seq hooks.SeqID) error {
 }
 
 // Close frees the model and its cache; it is safe to call twice.
-func (e *Engine) Close() error { return e.s.Close() }
+func (e *Engine) Close() error {
+	_ = e.RecordAttention(nil)
+	return e.s.Close()
+}

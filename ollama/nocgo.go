@@ -22,6 +22,9 @@ func Open(path string, cfg Config) (*Session, error) { return nil, ErrNoCgo }
 // Close does nothing.
 func (s *Session) Close() error { return nil }
 
+// SetBatch returns ErrNoCgo.
+func (s *Session) SetBatch(n int) error { return ErrNoCgo }
+
 // Cache returns nil.
 func (s *Session) Cache() *Cache { return nil }
 
@@ -90,6 +93,14 @@ func (e *Engine) Live(seq hooks.SeqID) (int, int64, error) { return 0, 0, ErrNoC
 
 // RemoveSequence returns ErrNoCgo.
 func (e *Engine) RemoveSequence(seq hooks.SeqID) error { return ErrNoCgo }
+
+// RecordAttention returns ErrNoCgo (nil for nil).
+func (e *Engine) RecordAttention(f func(*Attention) error) error {
+	if f == nil {
+		return nil
+	}
+	return ErrNoCgo
+}
 
 // Close does nothing.
 func (e *Engine) Close() error { return nil }

@@ -39,11 +39,32 @@ func smallestOllamaModel() (name, path string) {
 	return "", ""
 }
 
-// ollamaEngine is an ollama.Engine that removes its temporary GGUF file (a
-// converted llama2.c checkpoint) when closed.
+// ollamaEngine is an ollama.Engine for the conformance suite: it records
+// attention as a conformance.AttentionRecorder (ollama does not import the
+// suite: its own ollama.Attention is translated here) and removes its
+// temporary GGUF file (a converted llama2.c checkpoint) when closed.
 type ollamaEngine struct {
 	*ollama.Engine
 	cleanup func()
+}
+
+var _ conformance.AttentionRecorder = (*ollamaEngine)(nil)
+
+// RecordAttention implements conformance.AttentionRecorder on
+// ollama.Engine.RecordAttention (probabilities reconstructed from the
+// pass's queries and the cache's keys; llama models only).
+func (e *ollamaEngine) RecordAttention(f func(*conformance.AttentionBatch) error) error {
+	if f == nil {
+		return e.Engine.RecordAttention(nil)
+	}
+	err := e.Engine.RecordAttention(func(a *ollama.Attention) error {
+		return f(&conformance.AttentionBatch{Layer: a.Layer, Seq: a.Seq, Queries: a.Queries,
+			Heads: a.Heads, KVHeads: a.KVHeads, Cells: a.Cells, Weights: a.Weights})
+	})
+	if errors.Is(err, ollama.ErrNoAttention) {
+		return fmt.Errorf("%w: %w", conformance.ErrNoAttention, err)
+	}
+	return err
 }
 
 func (e *ollamaEngine) Close() error {
@@ -56,8 +77,10 @@ func (e *ollamaEngine) Close() error {
 // conformance suite and the demo: one sequence of o.Context cells (the
 // model's trained context, at most ollama.EngineMaxContext, when 0), an f16
 // cache and flash attention on, as the llama.cpp engine. It applies per-head
-// and per-token plans (hooks.HeadCompactor, hooks.PositionEvictor); it does
-// not record attention, so the attention task reports n/a for it.
+// and per-token plans (hooks.HeadCompactor, hooks.PositionEvictor) and
+// records attention (llama models) with flash attention on: the
+// probabilities are computed from the queries and the cached keys, not read
+// from Ollama's attention kernel, so o.Attention changes nothing.
 func openOllamaEngine(o conformance.EngineOptions) (hooks.Engine, error) {
 	logw := o.Log
 	if logw == nil {
