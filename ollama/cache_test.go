@@ -201,6 +201,52 @@ func TestPerHeadHalvesCells(t *testing.T) {
 	})
 }
 
+// After a per-head compression, decoding attends over the cells each layer
+// holds (padded to the backend's cache padding), not over the layer's whole
+// allocation: what Get hands attention for a compressed layer is about half
+// of what a layer kept whole gets. (Issue 14: the attention saved is the only
+// decode gain; a Get that returned the allocation would lose it silently.)
+func TestDecodeAttendsLiveCellsOnly(t *testing.T) {
+	both(t, func(t *testing.T, fa bool) {
+		s := open(t, Config{Policy: perHead(0.5), FlashAttention: fa, CacheType: "f32", Context: 1024})
+		story, err := s.Tokenize(storyPrompt, true)
+		require.NoError(t, err)
+		var ids []int32
+		for len(ids) < 700 {
+			ids = append(ids, story...)
+		}
+		ids = ids[:700]
+		_, err = s.Decode(0, ids)
+		require.NoError(t, err)
+		require.NoError(t, s.Flush())
+		_, err = s.Decode(0, []int32{ids[1]})
+		require.NoError(t, err)
+
+		c := s.Cache()
+		pad := c.config.CachePadding
+		require.Greater(t, pad, 1)
+		ctx := s.Model().Backend().NewContext()
+		defer ctx.Close()
+		want := []int{701, 701, 351, 351, 351} // cells held: layers 0-1 whole, then half of 701 and the new token
+		for li, n := range want {
+			require.Equal(t, n, c.lay.seqs[0].layers[li].n(), "layer %d holds", li)
+			c.SetLayer(li)
+			// The mask belonged to the batch's context, closed since: its
+			// width is the group's length.
+			k, v, _ := c.Get(ctx)
+			cells := roundUp(n, pad)
+			assert.Equal(t, cells, k.Dim(2), "layer %d: keys attended", li)
+			assert.Equal(t, cells, c.cur.groups[c.cur.layerGroup[li]].length, "layer %d: mask width", li)
+			if c.config.PermutedV {
+				assert.Equal(t, cells, v.Dim(0), "layer %d: values attended", li)
+			} else {
+				assert.Equal(t, cells, v.Dim(2), "layer %d: values attended", li)
+			}
+			assert.Less(t, k.Dim(2), c.keys[li].Dim(1), "layer %d: attention runs over less than the allocation", li)
+		}
+	})
+}
+
 // Per-head keep 1.0 is identical to no compression, bit for bit.
 func TestPerHeadKeepOneIsIdentity(t *testing.T) {
 	both(t, func(t *testing.T, fa bool) {

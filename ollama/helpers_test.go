@@ -65,6 +65,9 @@ func storiesGGUF(t testing.TB) string {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	for _, e := range benchEngines {
+		e.Close()
+	}
 	if ggufDir != "" {
 		os.RemoveAll(ggufDir)
 	}
