@@ -91,6 +91,7 @@ type server struct {
 	base   *url.URL
 	client *api.Client
 	log    *syncBuffer
+	pid    int // the `ollama serve` process
 }
 
 func freePort(t *testing.T) int {
@@ -137,7 +138,7 @@ func startServer(t *testing.T, bin, models string, extra ...string) *server {
 		}
 	})
 	base := &url.URL{Scheme: "http", Host: host}
-	s := &server{base: base, client: api.NewClient(base, &http.Client{Timeout: 2 * time.Minute}), log: log}
+	s := &server{base: base, client: api.NewClient(base, &http.Client{Timeout: 2 * time.Minute}), log: log, pid: pgid}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -225,6 +226,13 @@ func (s *server) generate(t *testing.T, model, prompt string, options map[string
 // createModel uploads the GGUF as a blob and creates model name from it.
 func (s *server) createModel(t *testing.T, name, gguf string) {
 	t.Helper()
+	s.createModelWith(t, name, gguf, nil)
+}
+
+// createModelWith is createModel with the model's parameters (a Modelfile's
+// PARAMETER lines).
+func (s *server) createModelWith(t *testing.T, name, gguf string, params map[string]any) {
+	t.Helper()
 	b, err := os.ReadFile(gguf)
 	require.NoError(t, err)
 	sum := sha256.Sum256(b)
@@ -233,7 +241,7 @@ func (s *server) createModel(t *testing.T, name, gguf string) {
 	defer cancel()
 	require.NoError(t, s.client.CreateBlob(ctx, digest, bytes.NewReader(b)))
 	stream := false
-	require.NoError(t, s.client.Create(ctx, &api.CreateRequest{Model: name, Files: map[string]string{filepath.Base(gguf): digest}, Stream: &stream},
+	require.NoError(t, s.client.Create(ctx, &api.CreateRequest{Model: name, Files: map[string]string{filepath.Base(gguf): digest}, Parameters: params, Stream: &stream},
 		func(api.ProgressResponse) error { return nil }))
 }
 
