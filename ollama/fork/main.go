@@ -78,6 +78,17 @@ var patches = []patch{
 	}
 `,
 	},
+	{
+		// A client gone mid-stream must not leave the producer blocked
+		// on the unbuffered channel, holding a parallel slot (see
+		// kvnormhook.DrainStream).
+		file: "server/routes.go",
+		anchor: `func streamResponse(c *gin.Context, ch chan any) {
+`,
+		insert: `	// kvnorm: once the stream stops (client gone), drop what the producer still sends so that it can release its slot.
+	defer kvnormhook.DrainStream(ch)
+`,
+	},
 }
 
 func main() {

@@ -587,9 +587,25 @@ func TestForkSoak(t *testing.T) {
 		record(id, path, body, r.text)
 		return r, true
 	}
+	// A request unanswered after 2 minutes (the longest takes seconds) means
+	// the server stopped answering: the soak stops there instead of waiting
+	// 2 minutes for each request left.
+	soakRun, stopSoak := context.WithCancel(context.Background())
+	defer stopSoak()
+	var skipped atomic.Int64
 	run := func(q *soakReq) {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		if soakRun.Err() != nil {
+			skipped.Add(1)
+			return
+		}
+		ctx, cancel := context.WithTimeout(soakRun, 2*time.Minute)
 		defer cancel()
+		defer func() {
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				t.Errorf("#%d %s: no answer within 2 minutes: the server stopped answering; the soak stops after %d requests", q.id, q.kind, finished.Load())
+				stopSoak()
+			}
+		}()
 		id := fmt.Sprintf("#%d %s", q.id, q.kind)
 		switch q.kind {
 		case "short", "long", "past-cache", "openai":
@@ -751,6 +767,7 @@ func TestForkSoak(t *testing.T) {
 		summary = append(summary, fmt.Sprintf("%s=%d", k, counts[k]))
 	}
 	t.Logf("soak: %d requests (%d rounds) from %d clients in %v; %d answers recorded; %s", len(mix), rounds, soakClients, elapsed.Round(time.Second), len(answers), strings.Join(summary, " "))
+	require.Zero(t, skipped.Load(), "requests not sent after the server stopped answering")
 
 	// The log: no restart, no panic, no fatal error.
 	log := s.log.String()
@@ -866,4 +883,74 @@ func TestForkSoak(t *testing.T) {
 		}
 	}
 	t.Logf("fresh server: %d distinct requests sent alone; %d of %d soak answers differ %v; alone on the idle soak server, %d of %d differ from fresh", len(alone), len(differIDs), len(answers), differ, warmDiffer, len(alone))
+}
+
+// TestForkCancelledStreams: clients that leave a streamed answer after its
+// first chunk must not take the model's parallel slots with them. With one
+// slot (OLLAMA_NUM_PARALLEL=1), eight clients cancel 160 streamed answers
+// (generate and chat), then a request must be answered. Before the fork
+// drained the stream's channel (kvnormhook.DrainStream), a cancel could
+// leave Ollama's handler goroutine blocked sending a chunk while it held the
+// slot, and the model then answered nothing more.
+func TestForkCancelledStreams(t *testing.T) {
+	bin, stories := forkSetup(t)
+	s := startServer(t, bin, t.TempDir(), "OLLAMA_NUM_PARALLEL=1", "OLLAMA_KEEP_ALIVE=-1", "OLLAMA_CONTEXT_LENGTH=128")
+	s.createModelWith(t, "stories", stories, map[string]any{"num_thread": 1})
+	base := s.base.String()
+	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: soakClients}}
+	probe := func() (reply, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		return soakPost(ctx, httpc, base, "/api/generate", soakProbe())
+	}
+	r, err := probe()
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status)
+
+	const cancels = 160
+	var next atomic.Int64
+	var cancelled, finished atomic.Int64
+	var wg sync.WaitGroup
+	// The first request unanswered for 30 s (each takes milliseconds) stops
+	// the clients.
+	var hung atomic.Bool
+	for range soakClients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= cancels || hung.Load() {
+					return
+				}
+				body := jsonBody(map[string]any{"model": "stories", "prompt": soakStory(i%8, 2), "raw": true, "options": greedy(200)})
+				path := "/api/generate"
+				if i%2 == 1 {
+					path = "/api/chat"
+					body = jsonBody(map[string]any{"model": "stories", "messages": []map[string]string{{"role": "user", "content": soakStory(i%8, 2)}}, "options": greedy(200)})
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				n, err := soakStream(ctx, httpc, base, path, body, 1)
+				cancel()
+				switch {
+				case errors.Is(err, context.Canceled):
+					cancelled.Add(1)
+				case err == nil:
+					finished.Add(1)
+				case errors.Is(err, context.DeadlineExceeded):
+					if !hung.Swap(true) {
+						t.Errorf("request %d (%s): no chunk within 30 s after %d streams cancelled: the model stopped answering", i, path, cancelled.Load())
+					}
+				default:
+					t.Errorf("request %d (%s): after %d chunks: %v", i, path, n, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	require.False(t, hung.Load(), "the model stopped answering")
+	r, err = probe()
+	require.NoError(t, err, "after %d streams cancelled after their first chunk, the model still answers", cancelled.Load())
+	assert.Equal(t, http.StatusOK, r.status)
+	t.Logf("%d streams cancelled after their first chunk, %d finished first; the model still answers", cancelled.Load(), finished.Load())
 }

@@ -1,11 +1,14 @@
-// Package kvnormhook is the code kvnorm's Ollama fork calls: two calls
-// inserted in Ollama v0.24.0 by kvnorm's build tool (package fork), both
-// no-ops unless OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is set.
+// Package kvnormhook is the code kvnorm's Ollama fork calls: three calls
+// inserted in Ollama v0.24.0 by kvnorm's build tool (package fork), the
+// first two no-ops unless OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is
+// set, the third a fix of a leak of Ollama's (DrainStream).
 //
 //	llm/server.go, NewLlamaServer, after Ollama's own choice of the Go engine:
 //	    if tok, err = kvnormhook.CheckServer(tok, modelPath, f, len(projectors), opts.NumCtx); err != nil { return nil, err }
 //	runner/ollamarunner/runner.go, allocModel, after model.New:
 //	    if err := kvnormhook.Install(s.model); err != nil { return err }
+//	server/routes.go, streamResponse, first statement:
+//	    defer kvnormhook.DrainStream(ch)
 //
 // CheckServer validates the environment in the server, so that an invalid
 // value refuses to start the runner with a message naming the variable;
