@@ -4,7 +4,7 @@
 //	go build -o bin/ollama-fork ./ollama/fork && bin/ollama-fork -out build/ollama-fork -bin bin/ollama
 //
 // It copies the module source from the Go module cache to <out>/src, inserts
-// two calls into it (see package kvnormhook; nothing of Ollama is committed
+// three calls into it (see package kvnormhook; nothing of Ollama is committed
 // to kvnorm), writes <out>/go.work joining that copy with the kvnorm
 // repository, and runs `go build` in the copy. ggml's miniaudio header comes
 // from the Go module github.com/gen2brain/malgo; nlohmann-json and stb come

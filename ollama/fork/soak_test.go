@@ -872,8 +872,8 @@ func TestForkSoak(t *testing.T) {
 		if a.text != want {
 			differ[a.path]++
 			differIDs = append(differIDs, a.id)
-			t.Errorf("%s: the soak's answer differs from the same request alone on a fresh server (alone on the soak's server, idle: %s):\n soak:  %q\n alone: %q",
-				a.id, map[bool]string{true: "same as fresh", false: "differs too"}[warmAlone[k] == want], tail(a.text, 160), tail(want, 160))
+			t.Errorf("%s: the soak's answer differs from the same request alone on a fresh server (alone on the soak's server, idle: %s):\n request: %s %s\n soak:  %q\n alone: %q",
+				a.id, map[bool]string{true: "same as fresh", false: "differs too"}[warmAlone[k] == want], a.path, tail(string(a.body), 200), tail(a.text, 160), tail(want, 160))
 		}
 	}
 	warmDiffer := 0
