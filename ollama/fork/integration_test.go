@@ -94,6 +94,7 @@ type server struct {
 	client *api.Client
 	log    *syncBuffer
 	pgid   int // the server's process group: it and its runners
+	pid    int // the `ollama serve` process
 }
 
 func freePort(t testing.TB) int {
@@ -140,7 +141,7 @@ func startServer(t testing.TB, bin, models string, extra ...string) *server {
 		}
 	})
 	base := &url.URL{Scheme: "http", Host: host}
-	s := &server{base: base, client: api.NewClient(base, &http.Client{Timeout: 2 * time.Minute}), log: log, pgid: pgid}
+	s := &server{base: base, client: api.NewClient(base, &http.Client{Timeout: 2 * time.Minute}), log: log, pgid: pgid, pid: pgid}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -228,6 +229,13 @@ func (s *server) generate(t *testing.T, model, prompt string, options map[string
 // createModel uploads the GGUF as a blob and creates model name from it.
 func (s *server) createModel(t testing.TB, name, gguf string) {
 	t.Helper()
+	s.createModelWith(t, name, gguf, nil)
+}
+
+// createModelWith is createModel with the model's parameters (a Modelfile's
+// PARAMETER lines).
+func (s *server) createModelWith(t testing.TB, name, gguf string, params map[string]any) {
+	t.Helper()
 	b, err := os.ReadFile(gguf)
 	require.NoError(t, err)
 	sum := sha256.Sum256(b)
@@ -236,7 +244,7 @@ func (s *server) createModel(t testing.TB, name, gguf string) {
 	defer cancel()
 	require.NoError(t, s.client.CreateBlob(ctx, digest, bytes.NewReader(b)))
 	stream := false
-	require.NoError(t, s.client.Create(ctx, &api.CreateRequest{Model: name, Files: map[string]string{filepath.Base(gguf): digest}, Stream: &stream},
+	require.NoError(t, s.client.Create(ctx, &api.CreateRequest{Model: name, Files: map[string]string{filepath.Base(gguf): digest}, Parameters: params, Stream: &stream},
 		func(api.ProgressResponse) error { return nil }))
 }
 

@@ -4,7 +4,7 @@
 //	go build -o bin/ollama-fork ./ollama/fork && bin/ollama-fork -out build/ollama-fork -bin bin/ollama
 //
 // It copies the module source from the Go module cache to <out>/src, inserts
-// three calls into it (see package kvnormhook; nothing of Ollama is committed
+// four calls into it (see package kvnormhook; nothing of Ollama is committed
 // to kvnorm), writes <out>/go.work joining that copy with the kvnorm
 // repository, and runs `go build` in the copy. ggml's miniaudio header comes
 // from the Go module github.com/gen2brain/malgo; nlohmann-json and stb come
@@ -95,6 +95,17 @@ var patches = []patch{
 			}
 			break
 		}
+`,
+	},
+	{
+		// A client gone mid-stream must not leave the producer blocked
+		// on the unbuffered channel, holding a parallel slot (see
+		// kvnormhook.DrainStream).
+		file: "server/routes.go",
+		anchor: `func streamResponse(c *gin.Context, ch chan any) {
+`,
+		insert: `	// kvnorm: once the stream stops (client gone), drop what the producer still sends so that it can release its slot.
+	defer kvnormhook.DrainStream(ch)
 `,
 	},
 }

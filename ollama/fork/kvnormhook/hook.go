@@ -1,11 +1,16 @@
-// Package kvnormhook is the code kvnorm's Ollama fork calls: calls inserted
-// in Ollama v0.24.0 by kvnorm's build tool (package fork), all no-ops unless
-// OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is set.
+// Package kvnormhook is the code kvnorm's Ollama fork calls: four calls
+// inserted in Ollama v0.24.0 by kvnorm's build tool (package fork), the
+// first three no-ops unless OLLAMA_KV_NORM_KEEP or OLLAMA_KV_NORM_BUDGET is
+// set, the fourth a fix of a leak of Ollama's (DrainStream).
 //
 //	llm/server.go, NewLlamaServer, after Ollama's own choice of the Go engine:
 //	    if tok, err = kvnormhook.CheckServer(tok, modelPath, f, len(projectors), opts.NumCtx); err != nil { return nil, err }
 //	runner/ollamarunner/runner.go, allocModel, after model.New:
-//	    if err := kvnormhook.Install(s.model); err != nil { return err }
+//	    if err := kvnormhook.Install(s.model, kvSize/max(parallel, 1)); err != nil { return err }
+//	runner/ollamarunner/runner.go, forwardBatch, before a sequence's inputs join the batch:
+//	    if len(batchInputs) > 0 && kvnormhook.OneSequencePerBatch() { ...; break }
+//	server/routes.go, streamResponse, first statement:
+//	    defer kvnormhook.DrainStream(ch)
 //
 // CheckServer validates the environment in the server, so that an invalid
 // value refuses to start the runner with a message naming the variable;
