@@ -69,7 +69,7 @@ test-race: headers
 	$(GO) test -count=1 -race -timeout 60m ./llamacpp/... ./ollama/...
 
 # kvnorm's Ollama: Ollama v0.24.0 copied to $(OLLAMA_FORK)/src with kvnorm's
-# three hook calls inserted (see ollama/fork), built into $(BIN)/ollama.
+# four hook calls inserted (see ollama/fork), built into $(BIN)/ollama.
 OLLAMA_FORK ?= build/ollama-fork
 
 ollama:
