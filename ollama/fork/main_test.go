@@ -60,7 +60,7 @@ func TestApplyPatchesOneFile(t *testing.T) {
 		calls += want
 	}
 	assert.Equal(t, len(patches), calls)
-	assert.Equal(t, []string{"runner/ollamarunner/runner.go", "llm/server.go"}, patchedFiles())
+	assert.Equal(t, []string{"runner/ollamarunner/runner.go", "llm/server.go", "server/routes.go"}, patchedFiles())
 }
 
 func TestInsertRefusesChangedSource(t *testing.T) {
