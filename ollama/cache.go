@@ -369,16 +369,20 @@ func (c *Cache) Close() {
 // SetLayer selects the layer of the following Put and Get (kvcache.Cache).
 func (c *Cache) SetLayer(layer int) { c.cur.layer = layer }
 
-// CanResume reports whether seq can continue at pos (kvcache.Cache): only
-// when the sequence holds exactly what decoding its first pos inputs gives,
-// i.e. it was never compressed nor shifted. The runner then reuses the
-// prefix; otherwise it decodes the whole prompt again, so that an answer
-// never depends on what the server served before.
+// CanResume reports whether seq can continue at pos (kvcache.Cache). With
+// compression on, never past position 0: a prompt resumed after a reused
+// prefix is fed in chunks that start where the prefix ends, so the
+// compressions it makes under pressure (at chunk boundaries) and the batch
+// sizes it is computed in differ from a fresh server's, and so can its
+// answer; the runner decodes the whole prompt again instead, so that an
+// answer never depends on what the server served before. Without
+// compression (no policy) a sequence that holds exactly what decoding its
+// first pos inputs gives (never shifted) is resumed as upstream resumes it.
 func (c *Cache) CanResume(seq int, pos int32) bool {
 	if pos <= 0 {
 		return true
 	}
-	if c.lay == nil {
+	if c.lay == nil || c.comp != nil {
 		return false
 	}
 	s := c.lay.seqs[seq]
