@@ -168,32 +168,40 @@ func TestOllamaAttentionErrors(t *testing.T) {
 // for the Ollama runtime, and they agree with the reference on the same text.
 func TestConformanceAttentionOllama(t *testing.T) {
 	ckpt, tok := storiesFiles(t)
+	attentionAgreesWithReference(t, "ollama", "Ollama", ckpt, tok)
+}
+
+// attentionAgreesWithReference runs the suite's attention task on the
+// reference and runtime rt over the same text and checks that every layer's
+// numbers are there and agree: the runtimes' caches are f16 in the suite.
+func attentionAgreesWithReference(t *testing.T, rt, name, ckpt, tok string) conformance.RuntimeResult {
+	t.Helper()
 	dir := t.TempDir()
 	text := storyPrompt(t, dir, 40)
-	code, out, log := runCLI(t, "conformance", "--model", ckpt, "--tokenizer", tok, "--runtime", "reference,ollama",
+	code, out, log := runCLI(t, "conformance", "--model", ckpt, "--tokenizer", tok, "--runtime", "reference,"+rt,
 		"--tasks", "attention", "--quick", "--text", text, "--threads", "1", "--json", "--out", filepath.Join(dir, "out"))
 	require.Equal(t, 0, code, log)
 	var res conformance.Results
 	require.NoError(t, json.Unmarshal([]byte(out), &res))
 	require.Len(t, res.Runtimes, 2)
 	var layers [2][]conformance.LayerAttention
-	for i, rt := range res.Runtimes {
-		require.Len(t, rt.Tasks, 1)
-		tr := rt.Tasks[0]
-		require.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", rt.Runtime, tr.Note)
+	for i, r := range res.Runtimes {
+		require.Len(t, r.Tasks, 1)
+		tr := r.Tasks[0]
+		require.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", r.Runtime, tr.Note)
 		require.NotNil(t, tr.Attention)
 		require.Len(t, tr.Attention.Layers, 5)
 		for _, la := range tr.Attention.Layers {
-			assert.False(t, math.IsNaN(float64(la.Spearman)), "%s layer %d", rt.Runtime, la.Layer)
-			assert.False(t, math.IsNaN(float64(la.ShareLowHalf)), "%s layer %d", rt.Runtime, la.Layer)
+			assert.False(t, math.IsNaN(float64(la.Spearman)), "%s layer %d", r.Runtime, la.Layer)
+			assert.False(t, math.IsNaN(float64(la.ShareLowHalf)), "%s layer %d", r.Runtime, la.Layer)
 		}
 		layers[i] = tr.Attention.Layers
 	}
-	assert.Equal(t, "ollama", res.Runtimes[1].Runtime)
+	assert.Equal(t, rt, res.Runtimes[1].Runtime)
 	for l := range layers[0] {
-		// Same tokens; Ollama's cache is f16 in the suite.
 		assert.InDelta(t, float64(layers[0][l].Spearman), float64(layers[1][l].Spearman), 0.02, "layer %d", l)
 		assert.InDelta(t, float64(layers[0][l].ShareLowHalf), float64(layers[1][l].ShareLowHalf), 0.005, "layer %d", l)
-		t.Logf("layer %d: spearman reference %+.3f Ollama %+.3f", l, layers[0][l].Spearman, layers[1][l].Spearman)
+		t.Logf("layer %d: spearman reference %+.3f %s %+.3f", l, layers[0][l].Spearman, name, layers[1][l].Spearman)
 	}
+	return res.Runtimes[1]
 }

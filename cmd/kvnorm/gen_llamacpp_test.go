@@ -379,35 +379,8 @@ func TestLlamacppAttentionMatchesReference(t *testing.T) {
 // numbers for llama.cpp, and they agree with the reference on the same text.
 func TestConformanceAttentionLlamacpp(t *testing.T) {
 	ckpt, tok := llamacppModels(t)
-	dir := t.TempDir()
-	text := storyPrompt(t, dir, 40)
-	code, out, log := runCLI(t, "conformance", "--model", ckpt, "--tokenizer", tok, "--runtime", "reference,llamacpp",
-		"--tasks", "attention", "--quick", "--text", text, "--threads", "1", "--json", "--out", filepath.Join(dir, "out"))
-	require.Equal(t, 0, code, log)
-	var res conformance.Results
-	require.NoError(t, json.Unmarshal([]byte(out), &res))
-	require.Len(t, res.Runtimes, 2)
-	var layers [2][]conformance.LayerAttention
-	for i, rt := range res.Runtimes {
-		require.Len(t, rt.Tasks, 1)
-		tr := rt.Tasks[0]
-		require.Equal(t, conformance.StatusOK, tr.Status, "%s: %s", rt.Runtime, tr.Note)
-		require.NotNil(t, tr.Attention)
-		require.Len(t, tr.Attention.Layers, 5)
-		for _, la := range tr.Attention.Layers {
-			assert.False(t, math.IsNaN(float64(la.Spearman)), "%s layer %d", rt.Runtime, la.Layer)
-			assert.False(t, math.IsNaN(float64(la.ShareLowHalf)), "%s layer %d", rt.Runtime, la.Layer)
-		}
-		layers[i] = tr.Attention.Layers
-	}
-	assert.Equal(t, "llamacpp", res.Runtimes[1].Runtime)
-	assert.False(t, res.Runtimes[1].Info.FlashAttn, "attention needs flash attention off")
-	for l := range layers[0] {
-		// Same tokens; llama.cpp's cache is f16 in the suite.
-		assert.InDelta(t, float64(layers[0][l].Spearman), float64(layers[1][l].Spearman), 0.02, "layer %d", l)
-		assert.InDelta(t, float64(layers[0][l].ShareLowHalf), float64(layers[1][l].ShareLowHalf), 0.005, "layer %d", l)
-		t.Logf("layer %d: spearman reference %+.3f llama.cpp %+.3f", l, layers[0][l].Spearman, layers[1][l].Spearman)
-	}
+	r := attentionAgreesWithReference(t, "llamacpp", "llama.cpp", ckpt, tok)
+	assert.False(t, r.Info.FlashAttn, "attention needs flash attention off")
 }
 
 // TestLlamacppNoAttention: with flash attention on the engine says so as
