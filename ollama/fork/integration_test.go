@@ -157,11 +157,18 @@ func startServer(t testing.TB, bin, models string, extra ...string) *server {
 	}
 }
 
-// groupMembers lists the live (not zombie) processes of process group pgid
-// as "pid cmdline", from /proc.
-func groupMembers(pgid int) []string {
+// liveProcess is a process read from /proc: its pid, the fields of its
+// stat after the command name (state, ppid, pgrp, ...) and its command line.
+type liveProcess struct {
+	pid     int
+	stat    []string
+	cmdline string // arguments joined by spaces
+}
+
+// liveProcesses lists the processes of /proc that are not zombies.
+func liveProcesses() []liveProcess {
 	dirs, _ := os.ReadDir("/proc")
-	var out []string
+	var out []liveProcess
 	for _, d := range dirs {
 		pid, err := strconv.Atoi(d.Name())
 		if err != nil {
@@ -177,11 +184,23 @@ func groupMembers(pgid int) []string {
 			rest = rest[i+1:]
 		}
 		f := strings.Fields(rest)
-		if len(f) < 3 || f[0] == "Z" || f[0] == "X" || f[2] != strconv.Itoa(pgid) {
+		if len(f) < 3 || f[0] == "Z" || f[0] == "X" {
 			continue
 		}
 		cmdline, _ := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
-		out = append(out, fmt.Sprintf("%d %s", pid, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")))
+		out = append(out, liveProcess{pid, f, strings.ReplaceAll(strings.TrimRight(string(cmdline), "\x00"), "\x00", " ")})
+	}
+	return out
+}
+
+// groupMembers lists the live (not zombie) processes of process group pgid
+// as "pid cmdline", from /proc.
+func groupMembers(pgid int) []string {
+	var out []string
+	for _, p := range liveProcesses() {
+		if p.stat[2] == strconv.Itoa(pgid) {
+			out = append(out, fmt.Sprintf("%d %s", p.pid, p.cmdline))
+		}
 	}
 	return out
 }

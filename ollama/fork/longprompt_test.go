@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -141,17 +140,12 @@ func runnerMemory(t *testing.T, log string) (rss, hwm int64) {
 	m := runnerPort.FindAllStringSubmatch(log, -1)
 	require.NotEmpty(t, m, "no starting runner line")
 	port := m[len(m)-1][1]
-	dirs, _ := os.ReadDir("/proc")
-	for _, d := range dirs {
-		if _, err := strconv.Atoi(d.Name()); err != nil {
+	for _, p := range liveProcesses() {
+		f := strings.Fields(p.cmdline)
+		if len(f) < 2 || f[1] != "runner" || !strings.Contains(p.cmdline, "--port "+port) {
 			continue
 		}
-		cmd, _ := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
-		f := strings.Split(strings.TrimRight(string(cmd), "\x00"), "\x00")
-		if len(f) < 2 || f[1] != "runner" || !strings.Contains(strings.Join(f, " "), "--port "+port) {
-			continue
-		}
-		st, err := os.ReadFile(filepath.Join("/proc", d.Name(), "status"))
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.pid))
 		require.NoError(t, err)
 		for _, l := range strings.Split(string(st), "\n") {
 			k, v, _ := strings.Cut(l, ":")

@@ -437,27 +437,9 @@ func procStatus(pid int, fields ...string) (map[string]int64, error) {
 // runnerOf returns the pid of the server's runner child whose command line
 // holds the given string (a model blob's digest), or 0.
 func runnerOf(serverPid int, holds string) int {
-	dirs, _ := os.ReadDir("/proc")
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		rest := string(b)
-		if i := strings.LastIndexByte(rest, ')'); i >= 0 {
-			rest = rest[i+1:]
-		}
-		f := strings.Fields(rest)
-		if len(f) < 2 || f[1] != strconv.Itoa(serverPid) || f[0] == "Z" {
-			continue
-		}
-		cmdline, _ := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
-		if bytes.Contains(cmdline, []byte("runner")) && bytes.Contains(cmdline, []byte(holds)) {
-			return pid
+	for _, p := range liveProcesses() {
+		if p.stat[1] == strconv.Itoa(serverPid) && strings.Contains(p.cmdline, "runner") && strings.Contains(p.cmdline, holds) {
+			return p.pid
 		}
 	}
 	return 0
