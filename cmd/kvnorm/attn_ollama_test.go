@@ -79,19 +79,7 @@ func TestOllamaAttentionMatchesReference(t *testing.T) {
 			engs := []hooks.Engine{ref, ol}
 			rows := []attnRows{{}, {}}
 			for i, e := range engs {
-				obs := &keysFirst{seen: map[[2]int]bool{}}
-				e.SetObserver(obs)
-				require.NoError(t, e.(conformance.AttentionRecorder).RecordAttention(func(b *conformance.AttentionBatch) error {
-					for g := range b.KVHeads {
-						for _, p := range b.Cells[g] {
-							if p >= 0 && !obs.seen[[2]int{b.Layer, int(p)}] {
-								return fmt.Errorf("layer %d: attention to position %d before its key", b.Layer, p)
-							}
-						}
-					}
-					rows[i].add(b)
-					return nil
-				}))
+				recordAttention(t, e, &rows[i])
 				_, err := e.Prefill(0, prompt, false)
 				require.NoError(t, err)
 				require.NoError(t, e.(hooks.HeadCompactor).CompactHeads(plan))

@@ -333,19 +333,7 @@ func TestLlamacppAttentionMatchesReference(t *testing.T) {
 	engs := []hooks.Engine{ref, lc}
 	rows := []attnRows{{}, {}}
 	for i, e := range engs {
-		obs := &keysFirst{seen: map[[2]int]bool{}}
-		e.SetObserver(obs)
-		require.NoError(t, e.(conformance.AttentionRecorder).RecordAttention(func(b *conformance.AttentionBatch) error {
-			for g := range b.KVHeads {
-				for _, p := range b.Cells[g] {
-					if p >= 0 && !obs.seen[[2]int{b.Layer, int(p)}] {
-						return fmt.Errorf("layer %d: attention to position %d before its key", b.Layer, p)
-					}
-				}
-			}
-			rows[i].add(b)
-			return nil
-		}))
+		recordAttention(t, e, &rows[i])
 		_, err := e.Prefill(0, prompt, false)
 		require.NoError(t, err)
 		// Holes: every third position of 10..120; the next chunk fills them.
@@ -400,4 +388,23 @@ func TestLlamacppNoAttention(t *testing.T) {
 	assert.ErrorIs(t, err, conformance.ErrNoAttention)
 	assert.ErrorIs(t, err, llamacpp.ErrNoAttention)
 	require.NoError(t, rec.RecordAttention(nil))
+}
+
+// recordAttention makes e record its attention into rows, checking that no
+// attention reaches a position whose key the observer has not been given.
+func recordAttention(t *testing.T, e hooks.Engine, rows *attnRows) {
+	t.Helper()
+	obs := &keysFirst{seen: map[[2]int]bool{}}
+	e.SetObserver(obs)
+	require.NoError(t, e.(conformance.AttentionRecorder).RecordAttention(func(b *conformance.AttentionBatch) error {
+		for g := range b.KVHeads {
+			for _, p := range b.Cells[g] {
+				if p >= 0 && !obs.seen[[2]int{b.Layer, int(p)}] {
+					return fmt.Errorf("layer %d: attention to position %d before its key", b.Layer, p)
+				}
+			}
+		}
+		rows.add(b)
+		return nil
+	}))
 }
