@@ -3,9 +3,7 @@
 package main
 
 import (
-	"context"
 	"fmt"
-	"net/http"
 	"os"
 	"regexp"
 	"strconv"
@@ -13,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ollama/ollama/api"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -81,7 +78,9 @@ func TestForkLongPrompt(t *testing.T) {
 			prompt, promptTokens = strings.Repeat(sentence, copies), one-per+copies*per
 		}
 		start := time.Now()
-		r, err := s.generateLong(t, "m", prompt, opts)
+		// No 10-minute limit: a prompt of num_ctx tokens on a real-sized
+		// model may take longer on 2 cores.
+		r, err := s.generateWithin(t, 90*time.Minute, "m", prompt, opts)
 		require.NoError(t, err, pol)
 		wall := time.Since(start)
 		log := s.log.String()
@@ -105,22 +104,6 @@ func TestForkLongPrompt(t *testing.T) {
 		assert.NotContains(t, log, "truncating input prompt", "the prompt is served whole")
 		assert.Equal(t, promptTokens, r.PromptEvalCount, "prompt_eval_count is the prompt's tokens")
 	}
-}
-
-// generateLong is generateFull without its 10-minute limit: a prompt of
-// num_ctx tokens on a real-sized model may take longer on 2 cores.
-func (s *server) generateLong(t *testing.T, model, prompt string, options map[string]any) (api.GenerateResponse, error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Minute)
-	defer cancel()
-	stream := false
-	var last api.GenerateResponse
-	err := api.NewClient(s.base, &http.Client{}).Generate(ctx, &api.GenerateRequest{Model: model, Prompt: prompt, Raw: true, Stream: &stream, Options: options},
-		func(r api.GenerateResponse) error {
-			last = r
-			return nil
-		})
-	return last, err
 }
 
 func cmpOr(v, def string) string {

@@ -54,7 +54,13 @@ func forkSetup(t testing.TB) (bin, stories string) {
 // response (text in Response, counts and durations).
 func (s *server) generateFull(t *testing.T, model, prompt string, options map[string]any) (api.GenerateResponse, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	return s.generateWithin(t, 10*time.Minute, model, prompt, options)
+}
+
+// generateWithin is generateFull with its time limit.
+func (s *server) generateWithin(t *testing.T, limit time.Duration, model, prompt string, options map[string]any) (api.GenerateResponse, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
 	defer cancel()
 	stream := false
 	var last api.GenerateResponse
