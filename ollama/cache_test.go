@@ -367,12 +367,7 @@ func TestPressureLongPrompt(t *testing.T) {
 			for _, c := range u.Cells {
 				assert.LessOrEqual(t, c, 64)
 			}
-			var pressure int
-			for _, st := range s.Cache().Stats() {
-				if st.Trigger == "pressure" {
-					pressure++
-				}
-			}
+			pressure := pressureCompressions(s)
 			assert.Greater(t, pressure, 2)
 			t.Logf("%d compressions under pressure; cells %v; text %q", pressure, u.Cells, g.Text)
 		})

@@ -73,3 +73,15 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(code)
 }
+
+// pressureCompressions counts the compressions s's cache made under
+// pressure (a batch that did not fit).
+func pressureCompressions(s *Session) int {
+	n := 0
+	for _, st := range s.Cache().Stats() {
+		if st.Trigger == "pressure" {
+			n++
+		}
+	}
+	return n
+}

@@ -134,12 +134,7 @@ func TestNormsOfLateBatches(t *testing.T) {
 			cfg := Config{Policy: perHead(0.5), Context: 64, Batch: 8, Pipelined: true}
 			eager := runLate(t, &lateDevice{eager: true}, cfg, tt.batches)
 			late := runLate(t, &lateDevice{}, cfg, tt.batches)
-			var pressure int
-			for _, st := range late.Cache().Stats() {
-				if st.Trigger == "pressure" {
-					pressure++
-				}
-			}
+			pressure := pressureCompressions(late)
 			require.GreaterOrEqual(t, pressure, tt.pressure, "compressions under pressure")
 			assert.Empty(t, late.Cache().spills, "spills freed once read")
 			assert.Equal(t, len(eager.Cache().Stats()), len(late.Cache().Stats()))

@@ -107,12 +107,7 @@ func TestPromptOfTheWholeContext(t *testing.T) {
 			if pol.Granularity == hooks.PerHead {
 				assert.Equal(t, 256, u.Cells[0], "a layer kept whole holds the whole prompt")
 			}
-			var pressure int
-			for _, st := range s.Cache().Stats() {
-				if st.Trigger == "pressure" {
-					pressure++
-				}
-			}
+			pressure := pressureCompressions(s)
 			assert.Positive(t, pressure)
 		})
 	}
@@ -388,12 +383,7 @@ func TestAnswerPastTheCacheStaysInCells(t *testing.T) {
 	for l, c := range s.Cache().Usage(0).Cells {
 		assert.LessOrEqual(t, c, cells[l])
 	}
-	var pressure int
-	for _, st := range s.Cache().Stats() {
-		if st.Trigger == "pressure" {
-			pressure++
-		}
-	}
+	pressure := pressureCompressions(s)
 	assert.Positive(t, pressure)
 }
 

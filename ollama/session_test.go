@@ -62,12 +62,7 @@ func TestLongPromptDefaultBatch(t *testing.T) {
 			for _, c := range s.Cache().Usage(0).Cells {
 				assert.LessOrEqual(t, c, 128)
 			}
-			pressure := 0
-			for _, st := range s.Cache().Stats() {
-				if st.Trigger == "pressure" {
-					pressure++
-				}
-			}
+			pressure := pressureCompressions(s)
 			assert.GreaterOrEqual(t, pressure, 2, "the prompt is 2.35 caches long")
 		})
 	}
