@@ -134,14 +134,8 @@ func sweepPlot(runtime string, tr *TaskResult) (*plot.Plot, error) {
 			line.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
 		}
 		p.Add(line, points)
-		if len(errs.XYs) > 0 {
-			eb, err := plotter.NewYErrorBars(errs)
-			if err != nil {
-				return nil, err
-			}
-			eb.Color = plotutil.Color(ci)
-			eb.CapWidth = vg.Points(4)
-			p.Add(eb)
+		if err := addErrorBars(p, errs, ci); err != nil {
+			return nil, err
 		}
 		p.Legend.Add(k.policy+" "+k.gran, line, points)
 	}
@@ -230,14 +224,8 @@ func attentionPlot(runtime string, a *AttentionResult) (*plot.Plot, error) {
 			p.Add(line, points)
 			p.Legend.Add(m.name+": mean, 95% CI", line, points)
 		}
-		if len(errs.XYs) > 0 {
-			eb, err := plotter.NewYErrorBars(errs)
-			if err != nil {
-				return nil, err
-			}
-			eb.Color = plotutil.Color(i)
-			eb.CapWidth = vg.Points(4)
-			p.Add(eb)
+		if err := addErrorBars(p, errs, i); err != nil {
+			return nil, err
 		}
 	}
 	zero, err := plotter.NewLine(plotter.XYs{{X: 0, Y: 0}, {X: float64(len(a.Layers) - 1), Y: 0}})
@@ -306,4 +294,20 @@ func layerNames(n int) []string {
 		out[i] = fmt.Sprint(i)
 	}
 	return out
+}
+
+// addErrorBars adds the intervals errs (none: nothing) to p in palette
+// colour ci.
+func addErrorBars(p *plot.Plot, errs errPoints, ci int) error {
+	if len(errs.XYs) == 0 {
+		return nil
+	}
+	eb, err := plotter.NewYErrorBars(errs)
+	if err != nil {
+		return err
+	}
+	eb.Color = plotutil.Color(ci)
+	eb.CapWidth = vg.Points(4)
+	p.Add(eb)
+	return nil
 }
