@@ -79,7 +79,8 @@ type Options struct {
 // The jobs live in one file each: this file holds the kvcache.Cache methods
 // that build a forward pass; norms.go reads norms back; compact.go plans and
 // applies compressions (after a prompt, under pressure); remove.go removes
-// positions and shifts; prefix.go copies prefixes; stats.go reports.
+// positions and shifts; prefix.go copies prefixes; deferred.go runs their
+// device work in the next batch's graph; stats.go reports.
 //
 // Like Ollama's own caches, a Cache is not safe for concurrent use: the runner
 // serialises calls to it.
@@ -114,7 +115,10 @@ type Cache struct {
 	graph ml.Context // the graph being built, inside StartForward
 	// graphOps is set once cache operations went into graph.
 	graphOps bool
-	copies   []copyOp
+	// pending is device work the bookkeeping has already done (prefix
+	// copies, the moves and re-roping of a shift), in order: it runs first
+	// in the next batch's graph (deferred.go).
+	pending []deviceOp
 	// why names the trigger of the compression running (for its stats).
 	why string
 	// syncs and fetches count waits for the backend and norm tensors read
@@ -414,7 +418,9 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 		}
 		c.graph = nil
 	}()
-	c.runCopies()
+	if err := c.runPending(); err != nil {
+		return err
+	}
 	if err := c.prefillReady(batch.Sequences); err != nil {
 		return err
 	}

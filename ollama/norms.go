@@ -373,6 +373,8 @@ func (c *Cache) Flush() error {
 	if err := c.report(true); err != nil {
 		return err
 	}
-	c.runCopies()
+	if err := c.runPending(); err != nil {
+		return err
+	}
 	return c.prefillReady(nil)
 }

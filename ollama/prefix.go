@@ -4,15 +4,10 @@ import (
 	"fmt"
 	"slices"
 
+	"github.com/ollama/ollama/ml"
+
 	"github.com/kvnorm/kvnorm/hooks"
 )
-
-// copyOp is a prefix copy between slabs, deferred until the batches built
-// before it have been computed.
-type copyOp struct {
-	src, dst int // slabs
-	cells    []int
-}
 
 // CopyPrefix makes dstSeq hold the positions [0, length) of srcSeq
 // (kvcache.Cache). The cells are copied (each sequence owns its slab) once
@@ -40,17 +35,19 @@ func (c *Cache) CopyPrefix(srcSeq, dstSeq int, length int32) {
 		c.log.Warn("kvnorm: copy prefix", "src", srcSeq, "dst", dstSeq, "error", err)
 		return
 	}
-	op := copyOp{src: src.slab, dst: dst.slab, cells: make([]int, c.opts.Layers)}
+	cells := make([]int, c.opts.Layers)
 	uniform := !src.unmanaged
 	for li := range src.layers {
 		var exact bool
 		dst.layers[li], exact = prefixOf(&src.layers[li], length)
-		op.cells[li] = dst.layers[li].n()
+		cells[li] = dst.layers[li].n()
 		if !exact || dst.layers[li].perHead() || !slices.Equal(dst.layers[li].shared, dst.layers[0].shared) {
 			uniform = false
 		}
 	}
-	c.copies = append(c.copies, op)
+	// Deferred until the batches built before it have been computed.
+	from, to := src.slab, dst.slab
+	c.queue(deviceOp{slab: to, build: func(ctx ml.Context) (bool, error) { return c.copyCells(ctx, from, to, cells), nil }}, false)
 	dst.lossy, dst.shifted = src.lossy, src.shifted
 	dst.prefilled = src.prefilled
 	switch {
@@ -143,38 +140,27 @@ func renumberNorms(comp interface {
 	return nil
 }
 
-// runCopies performs the deferred prefix copies, in the graph being built or
-// at once.
-func (c *Cache) runCopies() {
-	if len(c.copies) == 0 {
-		return
-	}
-	ops := c.copies
-	c.copies = nil
-	ctx, done := c.opContext()
-	defer done()
+// copyCells adds to ctx the copy of the first cells[li] cells of every layer
+// from slab src to slab dst, and reports whether there was anything to copy.
+func (c *Cache) copyCells(ctx ml.Context, src, dst int, cells []int) bool {
 	work := false
-	for _, op := range ops {
-		for li, n := range op.cells {
-			if n == 0 || c.keys[li] == nil {
-				continue
-			}
-			work = true
-			from, to := c.lay.slabStart(op.src, li), c.lay.slabStart(op.dst, li)
-			k := c.keys[li]
-			ctx.Forward(k.View(ctx, from*k.Stride(1), k.Dim(0), k.Stride(1), n, k.Stride(2), k.Dim(2)).
-				Copy(ctx, k.View(ctx, to*k.Stride(1), k.Dim(0), k.Stride(1), n, k.Stride(2), k.Dim(2))))
-			v := c.values[li]
-			if c.config.PermutedV {
-				ctx.Forward(v.View(ctx, from*v.Stride(0), n, v.Stride(1), v.Dim(1), v.Stride(2), v.Dim(2)).
-					Copy(ctx, v.View(ctx, to*v.Stride(0), n, v.Stride(1), v.Dim(1), v.Stride(2), v.Dim(2))))
-			} else {
-				ctx.Forward(v.View(ctx, from*v.Stride(1), v.Dim(0), v.Stride(1), n, v.Stride(2), v.Dim(2)).
-					Copy(ctx, v.View(ctx, to*v.Stride(1), v.Dim(0), v.Stride(1), n, v.Stride(2), v.Dim(2))))
-			}
+	for li, n := range cells {
+		if n == 0 || c.keys[li] == nil {
+			continue
+		}
+		work = true
+		from, to := c.lay.slabStart(src, li), c.lay.slabStart(dst, li)
+		k := c.keys[li]
+		ctx.Forward(k.View(ctx, from*k.Stride(1), k.Dim(0), k.Stride(1), n, k.Stride(2), k.Dim(2)).
+			Copy(ctx, k.View(ctx, to*k.Stride(1), k.Dim(0), k.Stride(1), n, k.Stride(2), k.Dim(2))))
+		v := c.values[li]
+		if c.config.PermutedV {
+			ctx.Forward(v.View(ctx, from*v.Stride(0), n, v.Stride(1), v.Dim(1), v.Stride(2), v.Dim(2)).
+				Copy(ctx, v.View(ctx, to*v.Stride(0), n, v.Stride(1), v.Dim(1), v.Stride(2), v.Dim(2))))
+		} else {
+			ctx.Forward(v.View(ctx, from*v.Stride(1), v.Dim(0), v.Stride(1), n, v.Stride(2), v.Dim(2)).
+				Copy(ctx, v.View(ctx, to*v.Stride(1), v.Dim(0), v.Stride(1), n, v.Stride(2), v.Dim(2))))
 		}
 	}
-	if work && ctx != c.graph {
-		ctx.Compute()
-	}
+	return work
 }

@@ -6,6 +6,7 @@ import (
 	"slices"
 
 	"github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/ml"
 
 	"github.com/kvnorm/kvnorm/hooks"
 )
@@ -61,6 +62,9 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 	if c.opts.Shift == nil {
 		return kvcache.ErrNotSupported
 	}
+	if err := c.checkShift(s, make([]int, c.opts.Layers), begin-end); err != nil {
+		return err
+	}
 	if s.lossy {
 		if err := c.shiftKeys(s, make([]int, c.opts.Layers), begin-end); err != nil {
 			return err
@@ -73,25 +77,30 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 	if err != nil {
 		return fmt.Errorf("%w: seq %d: %w", kvcache.ErrNotSupported, seq, err)
 	}
-	ctx := c.backend.NewContext()
-	moved := false
-	for li, cells := range keep {
-		if c.keys[li] == nil || len(cells) == 0 {
-			continue
-		}
+	slab := s.slab
+	var moves [][][]int32
+	for _, cells := range keep {
 		src := make([][]int32, c.opts.KVHeads)
-		for h := range src {
-			src[h] = cells
+		if len(cells) > 0 {
+			for h := range src {
+				src[h] = cells
+			}
+			if identity(src) {
+				src = nil
+			}
 		}
-		if !identity(src) {
-			c.gather(ctx, li, s.slab, src)
-			moved = true
+		moves = append(moves, src)
+	}
+	c.queue(deviceOp{slab: slab, build: func(ctx ml.Context) (bool, error) {
+		work := false
+		for li, src := range moves {
+			if c.keys[li] != nil && len(src) > 0 && len(src[0]) > 0 {
+				c.gather(ctx, li, slab, src)
+				work = true
+			}
 		}
-	}
-	if moved {
-		ctx.Compute()
-	}
-	ctx.Close()
+		return work, nil
+	}}, false)
 	s.shifted = true
 	// The positions were renumbered: so are the fresh ones and the norms
 	// the compressor recorded (a key's norm does not change when it is
@@ -125,36 +134,63 @@ func (c *Cache) Remove(seq int, begin, end int32) error {
 	return c.shiftKeys(s, shifted, begin-end)
 }
 
-// shiftKeys re-ropes cells [shifted[li], n) of every layer of s by offset.
+// shiftKeys re-ropes cells [shifted[li], n) of every layer of s by offset:
+// at once outside the runner's loop, else first in the next batch's graph
+// (deferred.go).
 func (c *Cache) shiftKeys(s *seqCells, shifted []int, offset int32) error {
-	ctx := c.backend.NewContext()
-	defer ctx.Close()
-	work := false
+	slab := s.slab
+	ranges := make([][2]int, len(shifted)) // per layer: first cell, count
 	for li, from := range shifted {
-		key := c.keys[li]
-		n := s.layers[li].n()
-		if key == nil || from >= n {
+		ranges[li] = [2]int{from, s.layers[li].n() - from}
+	}
+	return c.queue(deviceOp{slab: slab, build: func(ctx ml.Context) (bool, error) {
+		work := false
+		for li, r := range ranges {
+			if c.keys[li] == nil || r[1] <= 0 {
+				continue
+			}
+			if err := c.ropeCells(ctx, li, slab, r[0], r[1], offset); err != nil {
+				return work, err
+			}
+			work = true
+		}
+		return work, nil
+	}}, true)
+}
+
+// checkShift builds, without computing it, the re-roping of the first layer
+// a shift touches: an error of the model's shift function comes back from
+// Remove (the runner then decodes the sequence again), not from a later
+// batch.
+func (c *Cache) checkShift(s *seqCells, shifted []int, offset int32) error {
+	for li, from := range shifted {
+		if c.keys[li] == nil || from >= s.layers[li].n() {
 			continue
 		}
-		m := n - from
-		offs := make([]int32, m)
-		for i := range offs {
-			offs[i] = offset
-		}
-		view := key.View(ctx, (c.lay.slabStart(s.slab, li)+from)*key.Stride(1),
-			key.Dim(0), key.Stride(2),
-			key.Dim(2), key.Stride(1),
-			m)
-		roped, err := c.opts.Shift(ctx, li, view, ctx.Input().FromInts(offs, m))
-		if err != nil {
-			return err
-		}
-		ctx.Forward(roped.Copy(ctx, view))
-		work = true
+		ctx := c.backend.NewContext()
+		defer ctx.Close()
+		return c.ropeCells(ctx, li, s.slab, from, s.layers[li].n()-from, offset)
 	}
-	if work {
-		ctx.Compute()
+	return nil
+}
+
+// ropeCells adds to ctx the re-roping by offset of cells [from, from+m) of
+// slab in layer li.
+func (c *Cache) ropeCells(ctx ml.Context, li, slab, from, m int, offset int32) error {
+	key := c.keys[li]
+	offs := make([]int32, m)
+	for i := range offs {
+		offs[i] = offset
 	}
+	view := key.View(ctx, (c.lay.slabStart(slab, li)+from)*key.Stride(1),
+		key.Dim(0), key.Stride(2),
+		key.Dim(2), key.Stride(1),
+		m)
+	roped, err := c.opts.Shift(ctx, li, view, ctx.Input().FromInts(offs, m))
+	if err != nil {
+		return err
+	}
+	ctx.Forward(roped.Copy(ctx, view))
 	return nil
 }
 
@@ -163,7 +199,7 @@ func (c *Cache) clearSeq(seq int) {
 	if s == nil {
 		return
 	}
-	c.copies = slices.DeleteFunc(c.copies, func(op copyOp) bool { return op.dst == s.slab })
+	c.dropPending(s.slab)
 	s.dropFresh(0)
 	c.lay.free(seq)
 	if c.ext != nil {

@@ -919,15 +919,11 @@ func TestForkSoak(t *testing.T) {
 	syscall.Kill(-s.pid, syscall.SIGKILL)
 	fresh := startServer(t, bin, store, soakEnv...)
 	alone := aloneOn(fresh.base.String())
-	// Open (issue 13): under the soak's mix a few answers differ from a
-	// fresh server's (CI-sized runs: 1-2 of 148; an answer past the cache
-	// also differs between two fresh servers). TestForkHistoryIndependent
-	// asserts equality for requests that stay within the cache; here the
-	// differences are reported, and asserted with KVNORM_SOAK_STRICT=1.
-	report := t.Logf
-	if os.Getenv("KVNORM_SOAK_STRICT") != "" {
-		report = t.Errorf
-	}
+	// Until the cache stopped computing graphs of its own between batches
+	// (ollama/deferred.go), a shift overwrote the logits of the batch before
+	// it before the runner read them: 1-2 of 148 answers differed from a
+	// fresh server's, and an answer past the cache differed between fresh
+	// servers.
 	differ := map[string]int{}
 	var differIDs []string
 	for _, a := range answers {
@@ -936,7 +932,7 @@ func TestForkSoak(t *testing.T) {
 		if a.text != want {
 			differ[a.path]++
 			differIDs = append(differIDs, a.id)
-			report("%s: the soak's answer differs from the same request alone on a fresh server (alone on the soak's server, idle: %s):\n request: %s %s\n soak:  %q\n alone: %q",
+			t.Errorf("%s: the soak's answer differs from the same request alone on a fresh server (alone on the soak's server, idle: %s):\n request: %s %s\n soak:  %q\n alone: %q",
 				a.id, map[bool]string{true: "same as fresh", false: "differs too"}[warmAlone[k] == want], a.path, tail(string(a.body), 200), tail(a.text, 160), tail(want, 160))
 		}
 	}
@@ -947,6 +943,7 @@ func TestForkSoak(t *testing.T) {
 		}
 	}
 	t.Logf("fresh server: %d distinct requests sent alone; %d of %d soak answers differ %v; alone on the idle soak server, %d of %d differ from fresh", len(alone), len(differIDs), len(answers), differ, warmDiffer, len(alone))
+	assert.Zero(t, warmDiffer, "answers of the idle soak server that differ from a fresh server's")
 }
 
 // TestForkCancelledStreams: clients that leave a streamed answer after its
