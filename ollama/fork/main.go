@@ -4,7 +4,7 @@
 //	go build -o bin/ollama-fork ./ollama/fork && bin/ollama-fork -out build/ollama-fork -bin bin/ollama
 //
 // It copies the module source from the Go module cache to <out>/src, inserts
-// four calls into it (see package kvnormhook; nothing of Ollama is committed
+// four calls and one select case into it (see package kvnormhook; nothing of Ollama is committed
 // to kvnorm), writes <out>/go.work joining that copy with the kvnorm
 // repository, and runs `go build` in the copy. ggml's miniaudio header comes
 // from the Go module github.com/gen2brain/malgo; nlohmann-json and stb come
@@ -106,6 +106,23 @@ var patches = []patch{
 `,
 		insert: `	// kvnorm: once the stream stops (client gone), drop what the producer still sends so that it can release its slot.
 	defer kvnormhook.DrainStream(ch)
+`,
+	},
+	{
+		// A request cancelled while it waits for a runner: the scheduler
+		// drops it from its queue without answering (processPending skips
+		// a request whose context is done), so the handler would wait on
+		// the two channels for ever, holding the client's connection.
+		// Returning on the context is safe: a runner handed over later is
+		// released when the request's context is done (useLoadedRunner).
+		file: "server/routes.go",
+		anchor: `	runnerCh, errCh := s.sched.GetRunner(ctx, model, opts, keepAlive)
+	var runner *runnerRef
+	select {
+`,
+		insert: `	// kvnorm: a request whose client left while it waited for a runner gets an answer (499) instead of waiting for ever.
+	case <-ctx.Done():
+		return nil, nil, nil, ctx.Err()
 `,
 	},
 }

@@ -12,6 +12,10 @@
 //	server/routes.go, streamResponse, first statement:
 //	    defer kvnormhook.DrainStream(ch)
 //
+// The build tool also adds a case to scheduleRunner's select (server/routes.go),
+// a fix of another leak of Ollama's that needs no code of kvnorm: a request
+// whose client left while it waited for a runner returns ctx.Err().
+//
 // CheckServer validates the environment in the server, so that an invalid
 // value refuses to start the runner with a message naming the variable;
 // warns, one line each, about settings this model cannot use (adapter.Policy
