@@ -71,7 +71,7 @@ type Options struct {
 //
 // Key norms are computed in the graph of every forward pass (sqrt of the sum
 // of squares of each head's key) into a small per-layer buffer kept by batch,
-// not by cell (two batches of rows, whatever the context), until the
+// not by cell (one batch of rows, whatever the context), until the
 // observer has them. They are read back only when a compression is due or
 // the buffer is full (norms.go): observing costs no transfer while nothing
 // is due.
@@ -460,6 +460,13 @@ func (c *Cache) StartForward(ctx ml.Context, batch input.Batch, reserve bool) (e
 	// must not count it as computed.
 	var rows []int32
 	if c.tracking() && slices.ContainsFunc(cells, func(s *seqCells) bool { return !s.unmanaged }) {
+		// This batch is now each of its sequences' newest: the norms of
+		// the one before may be read to make rows free (the compressions
+		// of this batch are planned already; the next batch's plan would
+		// see them anyway).
+		for _, s := range cells {
+			s.newestBatch = c.batches + 1
+		}
 		g, r, err := c.normRows(n)
 		if err != nil {
 			return err

@@ -11,7 +11,7 @@
 //	                            sequence's kept cells; build masks
 //	Cache.Put(key, value)       store K/V with set_rows, and sqrt(sum(k²))
 //	                            per head into the batch's rows of the
-//	                            layer's norm ring (two batches of rows)
+//	                            layer's norm ring (one batch of rows)
 //	Cache.Get()                 views over the kept cells of the sequences of
 //	                            the batch, and the mask of this layer's layout
 //	Compressor -> CompactHeads  get_rows/set_rows gather every head's own kept

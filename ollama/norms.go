@@ -18,10 +18,11 @@ import (
 // (seqCells.fresh, the positions whose norms the observer has not been
 // given) each remember their row. Once the observer has a position's norm
 // (the adapter keeps norms on the host), its row is free again. So the
-// buffer needs to hold only what can be fresh at once: the ring holds two
-// batches (num_batch × 2 rows per layer, whatever num_ctx is), and when a
-// batch does not fit in its free rows the cache first gives the observer
-// the norms it may read; a batch that still does not fit (a vision batch
+// buffer needs to hold only what can be fresh at once: the ring holds one
+// batch (num_batch rows per layer, whatever num_ctx is), and when a batch
+// does not fit in its free rows the cache first gives the observer the
+// norms it may read (those of the batches before: the batch being placed
+// is now its sequences' newest); a batch that still does not fit (a vision batch
 // larger than num_batch, or norms that cannot be read yet) gets a buffer of
 // its own (a spill), freed once read and computed. Compactions, copies and
 // shifts move cells, never norms: a compaction in the graph of the last
@@ -155,9 +156,11 @@ func (s *seqCells) forgetFresh(k int) {
 	s.fresh = slices.Delete(s.fresh, 0, k)
 }
 
-// ringRows is the size of the norm ring: two batches, the one being placed
-// and the one before, which may still be computing.
-func ringRows(maxBatch int) int { return 2 * maxBatch }
+// ringRows is the size of the norm ring: one batch. When a batch does not
+// fit, the norms of the batches before it are read first (normRows): in
+// the runner's pipelined loop the batch before may still be computing, but
+// a prompt chunk has no outputs, so the cache may wait for it (report).
+func ringRows(maxBatch int) int { return maxBatch }
 
 // normRows returns where the norms of a batch of n tokens go: rows of the
 // ring, after reading what may be read if it is full, or of a spill.

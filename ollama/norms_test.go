@@ -26,7 +26,7 @@ func recorded(t *testing.T, s *Session, seq, l, h int) ([]int32, []float32) {
 func TestNormsFollowCopiesAndShifts(t *testing.T) {
 	pol := perHead(0.5)
 	pol.MinPrompt = 1000 // nothing compressed: every position stays
-	s := open(t, Config{Policy: pol, Sequences: 2, Batch: 8})
+	s := open(t, Config{Policy: pol, Sequences: 2, Batch: 16})
 	ids := longPrompt(t, s, 30)
 	_, err := s.Decode(0, ids[:10])
 	require.NoError(t, err)
