@@ -68,7 +68,7 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 			out := t.TempDir()
 			var stdout, stderr bytes.Buffer
 			code := run([]string{"bench", "e2e", "--runtime", rt, "--model", model, "--prompt-tokens", "40,96",
-				"--keep", "0.5,0.25", "--decode", "4", "--paired", "6", "--threads", "1", "--granularity", "per-token", "--json", "--out", out}, &stdout, &stderr)
+				"--keep", "0.5,0.25", "--decode", "4", "--paired", "6", "--control", "--threads", "1", "--granularity", "per-token", "--json", "--out", out}, &stdout, &stderr)
 			require.Equal(t, 0, code, stderr.String())
 
 			var raw []map[string]any
@@ -124,6 +124,8 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 					assert.True(t, r.DecodeObserver)
 					assert.InDelta(t, r.PairedNoObserverTokensPerS/r.PairedBaseTokensPerS, r.PairedNoObserverRatio, 1e-9, "the third side: without the observer")
 					assert.Positive(t, r.PairedNoObserverRatio)
+					assert.InDelta(t, r.PairedControlTokensPerS/r.PairedBaseTokensPerS, r.PairedControlRatio, 1e-9, "the control side: a second uncompressed engine")
+					assert.Positive(t, r.PairedControlRatio)
 				} else {
 					assert.Zero(t, r.PairedTokens, "the uncompressed row has nothing to pair with")
 				}

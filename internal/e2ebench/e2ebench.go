@@ -62,6 +62,11 @@ type Spec struct {
 	// alternating blocks of PairedBlock tokens in this one process, so that
 	// the machine's drift between rows does not enter the ratio.
 	Paired int `json:"paired,omitempty"`
+	// Control adds to the paired decode a side that measures the
+	// measurement: a third engine holding the prompt uncompressed, like the
+	// second, so that the ratio of two identical engines (A/A) says how
+	// finely this machine and process resolve a ratio.
+	Control bool `json:"control,omitempty"`
 	// Uncompressed (chunked): no compressor; the context holds the whole
 	// prompt (the memory baseline of the chunked experiment).
 	Uncompressed bool `json:"uncompressed,omitempty"`
@@ -151,6 +156,10 @@ type Row struct {
 	// uncompressed side (what compression alone gains).
 	PairedNoObserverTokensPerS float64 `json:"paired_no_observer_tokens_per_s,omitempty"`
 	PairedNoObserverRatio      float64 `json:"paired_no_observer_ratio,omitempty"`
+	// The control side (Spec.Control): a second uncompressed engine, and
+	// its ratio to the first (1 but for what the bench cannot resolve).
+	PairedControlTokensPerS float64 `json:"paired_control_tokens_per_s,omitempty"`
+	PairedControlRatio      float64 `json:"paired_control_ratio,omitempty"`
 
 	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
 	// the end of the row.
@@ -484,12 +493,30 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		return err
 	}
 	// Sides: 0 the compressed engine as the row decodes (with obs when set),
-	// 1 the uncompressed engine, 2 the compressed engine without obs.
+	// 1 the uncompressed engine, 2 the compressed engine without obs, 3 a
+	// second uncompressed engine (the A/A control).
 	sides := []int{0, 1}
 	if obs != nil {
 		sides = append(sides, 2)
 	}
-	lat := make([][]time.Duration, 3)
+	var ctl hooks.Engine
+	var cnext int32
+	if s.Control {
+		if ctl, err = open(f, s, ctx, log); err != nil {
+			return err
+		}
+		defer ctl.Close()
+		ctl.SetObserver(nil)
+		logits, err := ctl.Prefill(seq, toks, false)
+		if err != nil {
+			return fmt.Errorf("control prefill: %w", err)
+		}
+		if cnext, err = decodeN(ctl, seq, conformance.Argmax(logits[len(logits)-1]), s.Decode, nil); err != nil {
+			return err
+		}
+		sides = append(sides, 3)
+	}
+	lat := make([][]time.Duration, 4)
 	// decode runs n tokens of one side, timed into lat when it is non-nil.
 	decode := func(side, n int, lat *[]time.Duration) (err error) {
 		switch side {
@@ -501,6 +528,8 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		case 2:
 			eng.SetObserver(nil)
 			next, err = decodeN(eng, seq, next, n, lat)
+		case 3:
+			cnext, err = decodeN(ctl, seq, cnext, n, lat)
 		}
 		return err
 	}
@@ -541,6 +570,11 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		r.PairedNoObserverTokensPerS = tps(lat[2])
 		r.PairedNoObserverRatio = r.PairedNoObserverTokensPerS / r.PairedBaseTokensPerS
 		fmt.Fprintf(log, "; without the observer %.2f tok/s (×%.3f)", r.PairedNoObserverTokensPerS, r.PairedNoObserverRatio)
+	}
+	if ctl != nil {
+		r.PairedControlTokensPerS = tps(lat[3])
+		r.PairedControlRatio = r.PairedControlTokensPerS / r.PairedBaseTokensPerS
+		fmt.Fprintf(log, "; control (a second uncompressed engine) %.2f tok/s (×%.3f)", r.PairedControlTokensPerS, r.PairedControlRatio)
 	}
 	fmt.Fprintln(log)
 	return nil

@@ -65,6 +65,13 @@ func noObs(r *Row) string {
 	return fmt.Sprintf("; the same engine without the observer %.3f tok/s = ×%.3f", r.PairedNoObserverTokensPerS, r.PairedNoObserverRatio)
 }
 
+func control(r *Row) string {
+	if r.PairedControlRatio == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; control, a second uncompressed engine: %.3f tok/s = ×%.3f (two identical engines)", r.PairedControlTokensPerS, r.PairedControlRatio)
+}
+
 // Target is one of the issue's targets checked on measured rows.
 type Target struct {
 	Name   string `json:"name"`
@@ -103,7 +110,7 @@ func Targets(rows []*Row) []Target {
 			// sides in one process, alternating, at the same context.
 			out = append(out, Target{"decode at keep 0.5 ≥ uncompressed: " + id, r.PairedRatio >= 1,
 				fmt.Sprintf("paired, %d tokens each in alternating blocks: %.3f tok/s vs %.3f = ×%.3f (median latency ×%.3f)%s; separate rows: ×%.3f",
-					r.PairedTokens, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio, noObs(r), r.RatioDecodeTPS)})
+					r.PairedTokens, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio, noObs(r)+control(r), r.RatioDecodeTPS)})
 		case r.RatioDecodeTPS > 0:
 			out = append(out, Target{"decode at keep 0.5 ≥ uncompressed: " + id, r.RatioDecodeTPS >= 1,
 				fmt.Sprintf("separate rows: %.3f tok/s vs %.3f = ×%.3f", r.DecodeTokensPerS, r.DecodeTokensPerS/r.RatioDecodeTPS, r.RatioDecodeTPS)})
