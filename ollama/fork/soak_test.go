@@ -945,6 +945,25 @@ func TestForkSoak(t *testing.T) {
 	assert.Zero(t, warmDiffer, "answers of the idle soak server that differ from a fresh server's")
 }
 
+// cancelRig starts bin/ollama serve with env and stories260K, and returns
+// it, a client for eight clients and a probe request that must be answered
+// (answered once already).
+func cancelRig(t *testing.T, env ...string) (*server, *http.Client, func() (reply, error)) {
+	bin, stories := forkSetup(t)
+	s := startServer(t, bin, t.TempDir(), env...)
+	s.createModelWith(t, "stories", stories, map[string]any{"num_thread": 1})
+	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: soakClients}}
+	probe := func() (reply, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		return soakPost(ctx, httpc, s.base.String(), "/api/generate", soakProbe())
+	}
+	r, err := probe()
+	require.NoError(t, err)
+	require.Equal(t, http.StatusOK, r.status)
+	return s, httpc, probe
+}
+
 // TestForkCancelledStreams: clients that leave a streamed answer after its
 // first chunk must not take the model's parallel slots with them. With one
 // slot (OLLAMA_NUM_PARALLEL=1), eight clients cancel 160 streamed answers
@@ -953,19 +972,8 @@ func TestForkSoak(t *testing.T) {
 // leave Ollama's handler goroutine blocked sending a chunk while it held the
 // slot, and the model then answered nothing more.
 func TestForkCancelledStreams(t *testing.T) {
-	bin, stories := forkSetup(t)
-	s := startServer(t, bin, t.TempDir(), "OLLAMA_NUM_PARALLEL=1", "OLLAMA_KEEP_ALIVE=-1", "OLLAMA_CONTEXT_LENGTH=128")
-	s.createModelWith(t, "stories", stories, map[string]any{"num_thread": 1})
+	s, httpc, probe := cancelRig(t, "OLLAMA_NUM_PARALLEL=1", "OLLAMA_KEEP_ALIVE=-1", "OLLAMA_CONTEXT_LENGTH=128")
 	base := s.base.String()
-	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: soakClients}}
-	probe := func() (reply, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		return soakPost(ctx, httpc, base, "/api/generate", soakProbe())
-	}
-	r, err := probe()
-	require.NoError(t, err)
-	require.Equal(t, http.StatusOK, r.status)
 
 	const cancels = 160
 	var next atomic.Int64
@@ -1009,7 +1017,7 @@ func TestForkCancelledStreams(t *testing.T) {
 	}
 	wg.Wait()
 	require.False(t, hung.Load(), "the model stopped answering")
-	r, err = probe()
+	r, err := probe()
 	require.NoError(t, err, "after %d streams cancelled after their first chunk, the model still answers", cancelled.Load())
 	assert.Equal(t, http.StatusOK, r.status)
 	t.Logf("%d streams cancelled after their first chunk, %d finished first; the model still answers", cancelled.Load(), finished.Load())
@@ -1025,19 +1033,8 @@ func TestForkCancelledStreams(t *testing.T) {
 // finds its runner busy being checked, or its model not loaded, waits that
 // long); then no connection of the server may stay in CLOSE_WAIT.
 func TestForkCancelledWaits(t *testing.T) {
-	bin, stories := forkSetup(t)
-	s := startServer(t, bin, t.TempDir(), soakEnv...)
-	s.createModelWith(t, "stories", stories, map[string]any{"num_thread": 1})
+	s, httpc, probe := cancelRig(t, soakEnv...)
 	base := s.base.String()
-	httpc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: soakClients}}
-	probe := func() (reply, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		return soakPost(ctx, httpc, base, "/api/generate", soakProbe())
-	}
-	r, err := probe()
-	require.NoError(t, err)
-	require.Equal(t, http.StatusOK, r.status)
 
 	const requests = 400
 	var next atomic.Int64
@@ -1070,7 +1067,7 @@ func TestForkCancelledWaits(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	assert.Zero(t, stuck, "server connections left in CLOSE_WAIT after %d requests cancelled within 4 ms: handlers still waiting for a runner", requests)
-	r, err = probe()
+	r, err := probe()
 	require.NoError(t, err)
 	assert.Equal(t, http.StatusOK, r.status)
 }
