@@ -478,20 +478,31 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	if need > eng.Info().Context {
 		return fmt.Errorf("%d prompt + %d decoded + %d paired tokens (twice with an observer) exceed the context of %d cells", s.PromptTokens, s.Decode, s.Paired, eng.Info().Context)
 	}
-	base, err := open(f, s, ctx, log)
+	// uncompressed opens an engine without observer that holds the prompt
+	// and s.Decode decoded tokens, and returns it and its next token.
+	uncompressed := func(what string) (hooks.Engine, int32, error) {
+		e, err := open(f, s, ctx, log)
+		if err != nil {
+			return nil, 0, err
+		}
+		e.SetObserver(nil)
+		logits, err := e.Prefill(seq, toks, false)
+		if err != nil {
+			e.Close()
+			return nil, 0, fmt.Errorf("%s prefill: %w", what, err)
+		}
+		n, err := decodeN(e, seq, conformance.Argmax(logits[len(logits)-1]), s.Decode, nil)
+		if err != nil {
+			e.Close()
+			return nil, 0, err
+		}
+		return e, n, nil
+	}
+	base, bnext, err := uncompressed("uncompressed")
 	if err != nil {
 		return err
 	}
 	defer base.Close()
-	base.SetObserver(nil)
-	logits, err := base.Prefill(seq, toks, false)
-	if err != nil {
-		return fmt.Errorf("uncompressed prefill: %w", err)
-	}
-	bnext, err := decodeN(base, seq, conformance.Argmax(logits[len(logits)-1]), s.Decode, nil)
-	if err != nil {
-		return err
-	}
 	// Sides: 0 the compressed engine as the row decodes (with obs when set),
 	// 1 the uncompressed engine, 2 the compressed engine without obs, 3 a
 	// second uncompressed engine (the A/A control).
@@ -502,18 +513,10 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	var ctl hooks.Engine
 	var cnext int32
 	if s.Control {
-		if ctl, err = open(f, s, ctx, log); err != nil {
+		if ctl, cnext, err = uncompressed("control"); err != nil {
 			return err
 		}
 		defer ctl.Close()
-		ctl.SetObserver(nil)
-		logits, err := ctl.Prefill(seq, toks, false)
-		if err != nil {
-			return fmt.Errorf("control prefill: %w", err)
-		}
-		if cnext, err = decodeN(ctl, seq, conformance.Argmax(logits[len(logits)-1]), s.Decode, nil); err != nil {
-			return err
-		}
 		sides = append(sides, 3)
 	}
 	lat := make([][]time.Duration, 4)
