@@ -414,6 +414,10 @@ func insert(code string, p patch) (string, error) {
 		return "", fmt.Errorf("%s: the code kvnorm hooks after occurs %d times, want 1 (is this Ollama v0.24.0?):\n%s", p.file, n, p.anchor)
 	}
 	code = strings.Replace(code, p.anchor, p.anchor+p.insert, 1)
+	if !strings.Contains(p.insert, "kvnormhook.") {
+		// A fix of Ollama's that calls no kvnorm code needs no import.
+		return code, nil
+	}
 	const imp = "import (\n"
 	if !strings.Contains(code, imp) {
 		return "", fmt.Errorf("%s: no import block", p.file)

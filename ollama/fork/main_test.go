@@ -25,8 +25,14 @@ func TestPatchesApplyToPinnedOllama(t *testing.T) {
 		require.NoError(t, err)
 		got, err := insert(string(b), p)
 		require.NoError(t, err, p.file)
-		assert.Equal(t, 1, strings.Count(got, "kvnormhook."), p.file)
-		assert.Contains(t, got, "import (\n\t"+hookImport+"\n")
+		assert.Equal(t, 1, strings.Count(p.insert, "// kvnorm: "), "every insertion says it is kvnorm's: %s", p.insert)
+		calls := strings.Count(p.insert, "kvnormhook.")
+		assert.Equal(t, calls, strings.Count(got, "kvnormhook."), p.file)
+		if calls > 0 {
+			assert.Contains(t, got, "import (\n\t"+hookImport+"\n")
+		} else {
+			assert.NotContains(t, got, hookImport, "an insertion that calls no kvnorm code imports nothing")
+		}
 		again, err := insert(string(b), p)
 		require.NoError(t, err)
 		assert.Equal(t, got, again)
@@ -48,16 +54,18 @@ func TestApplyPatchesOneFile(t *testing.T) {
 		require.NoError(t, apply(modDir, src, file))
 		b, err := os.ReadFile(filepath.Join(src, file))
 		require.NoError(t, err)
-		want := 0
+		want, marks := 0, 0
 		for _, p := range patches {
 			if p.file == file {
-				want++
+				want += strings.Count(p.insert, "kvnormhook.")
+				marks++
 				assert.Contains(t, string(b), p.anchor+p.insert)
 			}
 		}
 		assert.Equal(t, want, strings.Count(string(b), "kvnormhook."), file)
+		assert.Equal(t, marks, strings.Count(string(b), "// kvnorm: "), file)
 		assert.Equal(t, 1, strings.Count(string(b), hookImport), file)
-		calls += want
+		calls += marks
 	}
 	assert.Equal(t, len(patches), calls)
 	assert.Equal(t, []string{"runner/ollamarunner/runner.go", "llm/server.go", "server/routes.go"}, patchedFiles())
