@@ -10,15 +10,23 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// Every anchor occurs once in the pinned Ollama source, and patching is
-// deterministic.
-func TestPatchesApplyToPinnedOllama(t *testing.T) {
+// pinnedOllama returns the directory and version of the Ollama module
+// kvnorm's go.mod pins, skipping the test when the module cache lacks it.
+func pinnedOllama(t *testing.T) (dir, version string) {
+	t.Helper()
 	root, err := findRepo()
 	require.NoError(t, err)
-	modDir, version, err := moduleDir(root)
+	dir, version, err = moduleDir(root)
 	if err != nil {
 		t.Skipf("Ollama module unavailable: %v", err)
 	}
+	return dir, version
+}
+
+// Every anchor occurs once in the pinned Ollama source, and patching is
+// deterministic.
+func TestPatchesApplyToPinnedOllama(t *testing.T) {
+	modDir, version := pinnedOllama(t)
 	assert.Equal(t, "v0.24.0", version)
 	for _, p := range patches {
 		b, err := os.ReadFile(filepath.Join(modDir, p.file))
@@ -41,12 +49,7 @@ func TestPatchesApplyToPinnedOllama(t *testing.T) {
 
 // A file with several patches gets every call and one import.
 func TestApplyPatchesOneFile(t *testing.T) {
-	root, err := findRepo()
-	require.NoError(t, err)
-	modDir, _, err := moduleDir(root)
-	if err != nil {
-		t.Skipf("Ollama module unavailable: %v", err)
-	}
+	modDir, _ := pinnedOllama(t)
 	src := t.TempDir()
 	calls := 0
 	for _, file := range patchedFiles() {
