@@ -36,9 +36,8 @@ import (
 // A soak of kvnorm's Ollama: bin/ollama serve with compression on and four
 // parallel slots, eight clients sending a fixed, seeded mix of requests
 // through /api/generate, /api/chat, /v1/chat/completions and the official
-// CLI, for a fixed number of rounds. KVNORM_SOAK=N runs N rounds (1 in CI);
-// the long run is quoted in docs/results.md. KVNORM_SOAK=N multiplies the
-// rounds (3 in CI) by N.
+// CLI, for a fixed number of rounds: 3 in CI, 3N with KVNORM_SOAK=N (the
+// long runs quoted in docs/results.md).
 
 // forkSoakRounds is 3 in CI; KVNORM_SOAK=N runs 3N rounds of the soak's mix.
 func forkSoakRounds(t *testing.T) int {
