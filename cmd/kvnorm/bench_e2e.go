@@ -53,6 +53,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	paired := fs.Int("paired", 64, "tokens each side decodes in the paired decode measurement of compressed rows (a second engine holds the prompt uncompressed; the two alternate in one process); 0: none")
 	decObs := fs.Bool("decode-observer", true, "keep the compressor attached while decoding compressed rows (as a deployment must)")
 	control := fs.Bool("control", false, "--paired: also decode on a second uncompressed engine (one more prefill), whose ratio to the first (A/A) shows what the paired measurement can resolve")
+	pairedOnly := fs.Bool("paired-only", false, "measure the compressed rows' paired decode alone: no keep-1 row, and one prefill per row (with the compressor) instead of --repeat prefills without and with capture; the prefill columns stay empty")
 	chunked := fs.Bool("chunked", false, "the chunked-prefill memory experiment instead of the rows: a prompt of --chunk-factor × --ctx tokens at the smallest --keep, RSS after each chunk")
 	factor := fs.Int("chunk-factor", 4, "--chunked: prompt length in multiples of the cache")
 	baseline := fs.Bool("chunked-baseline", true, "--chunked: also measure the prompt uncompressed in a cache that holds it")
@@ -89,11 +90,20 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	if *decode < 0 || *paired < 0 || *repeat < 1 || *threads < 0 || *ctxLen < 0 || *factor < 1 {
 		return errors.New("--decode, --paired, --threads and --ctx must be >= 0, --repeat and --chunk-factor >= 1")
 	}
+	if *pairedOnly {
+		if *paired == 0 || *chunked {
+			return errors.New("--paired-only needs --paired > 0 and no --chunked")
+		}
+		ks = slices.DeleteFunc(ks, func(k float64) bool { return k == 1 })
+		if len(ks) == 0 {
+			return errors.New("--paired-only: --keep has no compressed row (below 1)")
+		}
+	}
 	if skipLayers == nil {
 		skipLayers = []int{}
 	}
 	base := e2ebench.Spec{Runtime: *rt, Model: *model, Tokenizer: *tok, Decode: *decode, Ctx: *ctxLen, Threads: *threads,
-		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired, Control: *control}
+		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired, Control: *control, PairedOnly: *pairedOnly}
 	if *out != "" {
 		if err := os.MkdirAll(*out, 0o755); err != nil {
 			return err

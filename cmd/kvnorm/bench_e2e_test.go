@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -143,6 +144,42 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 				st, err := os.Stat(filepath.Join(out, f))
 				require.NoError(t, err)
 				assert.Positive(t, st.Size(), f)
+			}
+		})
+	}
+}
+
+// TestBenchE2EPairedOnly: --paired-only measures the compressed rows alone,
+// each with one prefill (with its compressor), and still pairs them against
+// an uncompressed engine; bad uses are refused.
+func TestBenchE2EPairedOnly(t *testing.T) {
+	model := tinyModel(t)
+	for _, rt := range e2eRuntimes(t) {
+		t.Run(rt, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := run([]string{"bench", "e2e", "--runtime", rt, "--model", model, "--prompt-tokens", "96",
+				"--keep", "1,0.5", "--decode", "2", "--paired", "6", "--paired-only", "--threads", "1", "--granularity", "per-token", "--json"}, &stdout, &stderr)
+			require.Equal(t, 0, code, stderr.String())
+			var rows []e2ebench.Row
+			require.NoError(t, json.Unmarshal(stdout.Bytes(), &rows), stdout.String())
+			require.Len(t, rows, 1, "no keep-1 row")
+			r := rows[0]
+			assert.Equal(t, 0.5, r.Keep)
+			assert.True(t, r.PairedOnly)
+			assert.Zero(t, r.PrefillMs, "no prefill without the compressor")
+			assert.Positive(t, r.PrefillCaptureMs)
+			assert.Equal(t, 1, strings.Count(stderr.String(), "prefill with capture"), "one prefill in the row: %s", stderr.String())
+			assert.NotContains(t, stderr.String(), "prefill 0", "no plain prefill")
+			assert.Equal(t, 48, r.KVCells)
+			assert.Equal(t, 6, r.PairedTokens)
+			assert.Positive(t, r.PairedRatio)
+			assert.Positive(t, r.PairedNoObserverRatio)
+
+			for _, bad := range [][]string{{"--keep", "1"}, {"--paired", "0"}, {"--chunked"}} {
+				stderr.Reset()
+				args := append([]string{"bench", "e2e", "--runtime", rt, "--model", model, "--paired-only"}, bad...)
+				assert.NotEqual(t, 0, run(args, &stdout, &stderr), "%v", bad)
+				assert.Contains(t, stderr.String(), "--paired-only", "%v", bad)
 			}
 		})
 	}

@@ -67,6 +67,12 @@ type Spec struct {
 	// second, so that the ratio of two identical engines (A/A) says how
 	// finely this machine and process resolve a ratio.
 	Control bool `json:"control,omitempty"`
+	// PairedOnly measures a compressed row for its paired decode alone: the
+	// prompt is prefilled once, with the compressor (Repeat is ignored and
+	// no prefill is timed without it), so a row at a long prompt costs one
+	// prefill instead of 2 × Repeat. The row's prefill, capture and
+	// compression-share columns are then not measured.
+	PairedOnly bool `json:"paired_only,omitempty"`
 	// Uncompressed (chunked): no compressor; the context holds the whole
 	// prompt (the memory baseline of the chunked experiment).
 	Uncompressed bool `json:"uncompressed,omitempty"`
@@ -102,6 +108,9 @@ type Row struct {
 	PromptSource string  `json:"prompt_source"`
 	Keep         float64 `json:"keep"`
 	Repeat       int     `json:"repeat"`
+	// PairedOnly: one prefill, with the compressor; PrefillMs,
+	// CaptureOverhead and CompressFrac are not measured (Spec.PairedOnly).
+	PairedOnly bool `json:"paired_only,omitempty"`
 
 	// PrefillMs decodes the prompt with no observer; PrefillCaptureMs with an
 	// observer that records every layer's key norms but evicts nothing
@@ -298,6 +307,9 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	if s.Paired < 0 {
 		return nil, fmt.Errorf("e2ebench: paired %d < 0", s.Paired)
 	}
+	if s.PairedOnly && (s.Paired == 0 || s.Keep == 1) {
+		return nil, fmt.Errorf("e2ebench: paired-only needs a compressed row (keep %g) and paired tokens (%d)", s.Keep, s.Paired)
+	}
 	ctx := s.Ctx
 	if ctx <= 0 {
 		ctx = AutoCtx(s.PromptTokens, s.Decode+2*(s.Paired+PairedBlock))
@@ -321,7 +333,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	r := &Row{
 		Runtime: info.Runtime, Model: s.Model, Arch: info.Arch, Granularity: pol.Granularity.String(), Policy: pol.String(),
 		FlashAttn: info.FlashAttn, Threads: s.Threads, Ctx: info.Context, KType: shape.KType.String(), VType: shape.VType.String(),
-		PromptTokens: s.PromptTokens, PromptSource: PromptSource, Keep: s.Keep, Repeat: s.Repeat,
+		PromptTokens: s.PromptTokens, PromptSource: PromptSource, Keep: s.Keep, Repeat: s.Repeat, PairedOnly: s.PairedOnly,
 		EntryBytes: entry, KVBytesAllocated: int64(info.Context) * int64(shape.Layers*shape.KVHeads) * entry,
 		LoadAvg1: load,
 	}
@@ -335,11 +347,15 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	// repeat 2 runs capture, plain, plain, capture. Every prefill but the last
 	// is removed.
 	var arms []bool // true: with capture
-	for i := range s.Repeat {
-		if (s.Repeat-1-i)%2 == 0 {
-			arms = append(arms, false, true)
-		} else {
-			arms = append(arms, true, false)
+	if s.PairedOnly {
+		arms = []bool{true}
+	} else {
+		for i := range s.Repeat {
+			if (s.Repeat-1-i)%2 == 0 {
+				arms = append(arms, false, true)
+			} else {
+				arms = append(arms, true, false)
+			}
 		}
 	}
 	for k, capture := range arms {
@@ -378,8 +394,11 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 			}
 		}
 	}
-	r.PrefillMs, r.PrefillCaptureMs = ms(off), ms(on)
-	r.CaptureOverhead = (r.PrefillCaptureMs - r.PrefillMs) / r.PrefillMs
+	r.PrefillCaptureMs = ms(on)
+	if !s.PairedOnly {
+		r.PrefillMs = ms(off)
+		r.CaptureOverhead = (r.PrefillCaptureMs - r.PrefillMs) / r.PrefillMs
+	}
 
 	if r.KVCellsBefore, r.KVEntriesBefore, err = eng.Live(seq); err != nil {
 		return nil, err
@@ -391,7 +410,9 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	}
 	r.CompressMs = ms(time.Since(t))
 	r.PlanMs, r.ApplyMs = ms(st.PlanTime), ms(st.ApplyTime)
-	r.CompressFrac = r.CompressMs / r.PrefillMs
+	if !s.PairedOnly {
+		r.CompressFrac = r.CompressMs / r.PrefillMs
+	}
 	if r.KVCells, r.KVEntries, err = eng.Live(seq); err != nil {
 		return nil, err
 	}

@@ -67,11 +67,30 @@ func TestSetRatiosAndTargets(t *testing.T) {
 	assert.True(t, holds["decode at keep 0.5 ≥ uncompressed: x 64 tokens keep 0.5"])
 	assert.False(t, holds["decode at keep 0.5 ≥ uncompressed: x 128 tokens keep 0.5"])
 
+	// With a third side (the same engine without its observer), the
+	// observer's cost is judged on its own: within 2% of that side.
+	rows[1].PairedNoObserverRatio, rows[2].PairedNoObserverRatio = 1.02, 1.02
+	for _, tg := range Targets(rows) {
+		holds[tg.Name] = tg.Holds
+	}
+	assert.True(t, holds["decode with the observer ≥ without it − 2%: x 64 tokens keep 0.5"], "1.01 vs 1.02")
+	assert.False(t, holds["decode with the observer ≥ without it − 2%: x 128 tokens keep 0.5"], "0.99 vs 1.02")
+
 	var b bytes.Buffer
 	require.NoError(t, WriteTable(&b, rows, true))
 	assert.Contains(t, b.String(), "| x | 64 | 0.5 | 32 |")
 	assert.Contains(t, b.String(), "| 0.900 | 1.010 |")
 	require.NoError(t, PlotRows(filepath.Join(t.TempDir(), "p.png"), "t", rows))
+
+	// A paired-only row measured no prefill without its compressor: its
+	// prefill columns are empty and no prefill target is judged on it.
+	rows[1].PairedOnly, rows[1].PrefillMs, rows[1].CaptureOverhead, rows[1].CompressFrac = true, 0, 0, 0
+	b.Reset()
+	require.NoError(t, WriteTable(&b, rows[1:2], true))
+	assert.Contains(t, b.String(), "| x | 64 | 0.5 | 32 | 0.0 | 0.500 | - | - | 1.00 | - |")
+	for _, tg := range Targets(rows[1:2]) {
+		assert.NotContains(t, tg.Name, "prefill", "a paired-only row")
+	}
 }
 
 func TestChunkedReport(t *testing.T) {
