@@ -84,10 +84,12 @@ func TestSetRatiosAndTargets(t *testing.T) {
 
 	// A paired-only row measured no prefill without its compressor: its
 	// prefill columns are empty and no prefill target is judged on it.
+	// Run alone (no keep-1 row), its ratios to that row are not measured.
 	rows[1].PairedOnly, rows[1].PrefillMs, rows[1].CaptureOverhead, rows[1].CompressFrac = true, 0, 0, 0
+	rows[1].RatioKVBytes, rows[1].RatioDecodeTPS = 0, 0
 	b.Reset()
 	require.NoError(t, WriteTable(&b, rows[1:2], true))
-	assert.Contains(t, b.String(), "| x | 64 | 0.5 | 32 | 0.0 | 0.500 | - | - | 1.00 | - |")
+	assert.Contains(t, b.String(), "| x | 64 | 0.5 | 32 | 0.0 | - | - | - | 1.00 | - | 9.00 | - | 1.010 |")
 	for _, tg := range Targets(rows[1:2]) {
 		assert.NotContains(t, tg.Name, "prefill", "a paired-only row")
 	}

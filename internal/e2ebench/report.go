@@ -37,10 +37,10 @@ func WriteTable(w io.Writer, rows []*Row, md bool) error {
 	for _, r := range rows {
 		fmt.Fprint(out, line([]string{
 			r.Runtime, fmt.Sprint(r.PromptTokens), fmt.Sprintf("%g", r.Keep),
-			fmt.Sprint(r.KVCells), fmt.Sprintf("%.1f", mib(r.KVBytes)), fmt.Sprintf("%.3f", r.RatioKVBytes),
+			fmt.Sprint(r.KVCells), fmt.Sprintf("%.1f", mib(r.KVBytes)), ratio(r.RatioKVBytes),
 			notMeasured(r, fmt.Sprintf("%.0f", r.PrefillMs)), notMeasured(r, fmt.Sprintf("%+.1f%%", 100*r.CaptureOverhead)),
 			fmt.Sprintf("%.2f", r.CompressMs), notMeasured(r, fmt.Sprintf("%.3f%%", 100*r.CompressFrac)),
-			fmt.Sprintf("%.2f", r.DecodeTokensPerS), fmt.Sprintf("%.3f", r.RatioDecodeTPS), paired(r),
+			fmt.Sprintf("%.2f", r.DecodeTokensPerS), ratio(r.RatioDecodeTPS), paired(r),
 			fmt.Sprintf("%.0f", mib(r.PeakRSSBytes)), fmt.Sprintf("%.0f", mib(r.RSSAnonBytes)),
 			fmt.Sprintf("%.1f→%.1f", r.LoadAvg1, r.LoadAvg1End),
 		}))
@@ -60,11 +60,15 @@ func notMeasured(r *Row, v string) string {
 	return v
 }
 
-func paired(r *Row) string {
-	if r.PairedRatio == 0 {
+func paired(r *Row) string { return ratio(r.PairedRatio) }
+
+// ratio prints a ratio, or "-" when it was not measured (0: no keep-1 row in
+// the run, or no paired decode).
+func ratio(x float64) string {
+	if x == 0 {
 		return "-"
 	}
-	return fmt.Sprintf("%.3f", r.PairedRatio)
+	return fmt.Sprintf("%.3f", x)
 }
 
 func noObs(r *Row) string {
@@ -111,8 +115,8 @@ func Targets(rows []*Row) []Target {
 			want := float64(r.KVBytesBefore) * float64(r.KVEntries) / float64(r.KVEntriesBefore)
 			ok := r.KVBytes == r.KVEntries*r.EntryBytes && abs(float64(r.KVBytes)-want) <= float64(r.EntryBytes)
 			out = append(out, Target{"KV bytes ∝ kept: " + id, ok,
-				fmt.Sprintf("%d cells of %d (%.3f), %d entries × %d B = %.2f MiB (%.3f of the uncompressed row)",
-					r.KVCells, r.KVCellsBefore, float64(r.KVCells)/float64(r.KVCellsBefore), r.KVEntries, r.EntryBytes, mib(r.KVBytes), r.RatioKVBytes)})
+				fmt.Sprintf("%d cells of %d (%.3f), %d entries × %d B = %.2f MiB (%s of the uncompressed row)",
+					r.KVCells, r.KVCellsBefore, float64(r.KVCells)/float64(r.KVCellsBefore), r.KVEntries, r.EntryBytes, mib(r.KVBytes), ratio(r.RatioKVBytes))})
 		}
 		if r.Keep < 1 && r.PairedNoObserverRatio > 0 {
 			// What the observer may cost while decoding: the same engine with
@@ -127,8 +131,8 @@ func Targets(rows []*Row) []Target {
 			// The paired measurement is the one the target is judged by: both
 			// sides in one process, alternating, at the same context.
 			out = append(out, Target{"decode at keep 0.5 ≥ uncompressed: " + id, r.PairedRatio >= 1,
-				fmt.Sprintf("paired, %d tokens each in alternating blocks: %.3f tok/s vs %.3f = ×%.3f (median latency ×%.3f)%s; separate rows: ×%.3f",
-					r.PairedTokens, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio, noObs(r)+control(r), r.RatioDecodeTPS)})
+				fmt.Sprintf("paired, %d tokens each in alternating blocks: %.3f tok/s vs %.3f = ×%.3f (median latency ×%.3f)%s; separate rows: ×%s",
+					r.PairedTokens, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio, noObs(r)+control(r), ratio(r.RatioDecodeTPS))})
 		case r.RatioDecodeTPS > 0:
 			out = append(out, Target{"decode at keep 0.5 ≥ uncompressed: " + id, r.RatioDecodeTPS >= 1,
 				fmt.Sprintf("separate rows: %.3f tok/s vs %.3f = ×%.3f", r.DecodeTokensPerS, r.DecodeTokensPerS/r.RatioDecodeTPS, r.RatioDecodeTPS)})
