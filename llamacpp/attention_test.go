@@ -36,8 +36,11 @@ func (o *keyLog) Forget(hooks.SeqID, hooks.Pos, hooks.Pos) {}
 // positions, and a batch's keys reach the observer first.
 func TestRecordAttention(t *testing.T) {
 	m := openStories(t, "f32")
+	// KeepHoles: the evicted cells stay where they were, so that the next
+	// batch refills them out of position order (TestEvictionCompacts checks
+	// the map after the default compaction).
 	c := newCtx(t, m, llamacpp.ContextOptions{NCtx: 256, NBatch: 32, Seqs: 2, FlashAttn: llamacpp.FlashAttnOff,
-		KType: llamacpp.CacheF32, VType: llamacpp.CacheF32})
+		KType: llamacpp.CacheF32, VType: llamacpp.CacheF32, KeepHoles: true})
 	const seq = 1
 	in := m.Info()
 	obs := &keyLog{seen: map[[2]int]bool{}}

@@ -534,10 +534,12 @@ func (c *Context) EvictPositionsInEpoch(seq hooks.SeqID, epoch uint64, positions
 var _ hooks.SequenceEpochs = (*Context)(nil)
 
 // EvictPositions frees the cells of seq at positions with
-// llama_memory_seq_rm, one run of consecutive positions at a time. Every
-// position must be live and none may be the last one of seq (the next token
-// goes after it). It implements hooks.PositionEvictor; it never touches
-// another sequence.
+// llama_memory_seq_rm, one run of consecutive positions at a time, then moves
+// the sequence's remaining cells to the front of its stream (unless the
+// context was created with KeepHoles), so that decoding attends over the
+// kept cells only (compact.go). Every position must be live and none may be
+// the last one of seq (the next token goes after it). It implements
+// hooks.PositionEvictor; it never touches another sequence.
 func (c *Context) EvictPositions(seq hooks.SeqID, positions []hooks.Pos) error {
 	if err := c.lockSeq(seq); err != nil {
 		return err
@@ -575,7 +577,10 @@ func (c *Context) evictLocked(seq hooks.SeqID, positions []hooks.Pos) error {
 		i = j
 	}
 	c.forgetCells(seq)
-	return nil
+	if len(positions) == 0 {
+		return nil
+	}
+	return c.compactLocked(seq)
 }
 
 // SeqState returns llama_state_seq_get_data of seq: its cells, keys and

@@ -33,7 +33,9 @@
 #define KVN_GGML_LOG_LEVELS(X)                                                               \
 	X(GGML_LOG_LEVEL_NONE, 0) X(GGML_LOG_LEVEL_DEBUG, 1) X(GGML_LOG_LEVEL_INFO, 2)            \
 	X(GGML_LOG_LEVEL_WARN, 3) X(GGML_LOG_LEVEL_ERROR, 4) X(GGML_LOG_LEVEL_CONT, 5)
-#define KVN_ROPE_TYPES(X) X(LLAMA_ROPE_TYPE_NONE, -1) X(LLAMA_ROPE_TYPE_NORM, 0)
+#define KVN_ROPE_TYPES(X)                                                                    \
+	X(LLAMA_ROPE_TYPE_NONE, -1) X(LLAMA_ROPE_TYPE_NORM, 0) X(LLAMA_ROPE_TYPE_MROPE, 8)         \
+	X(LLAMA_ROPE_TYPE_IMROPE, 40)
 #define KVN_FLASH_ATTN_TYPES(X)                                                              \
 	X(LLAMA_FLASH_ATTN_TYPE_AUTO, -1) X(LLAMA_FLASH_ATTN_TYPE_DISABLED, 0)                    \
 	X(LLAMA_FLASH_ATTN_TYPE_ENABLED, 1)
@@ -199,6 +201,7 @@ llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
 llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
 size_t llama_state_seq_get_size(struct llama_context *ctx, llama_seq_id seq_id);
 size_t llama_state_seq_get_data(struct llama_context *ctx, uint8_t *dst, size_t size, llama_seq_id seq_id);
+size_t llama_state_seq_set_data(struct llama_context *ctx, const uint8_t *src, size_t size, llama_seq_id dest_seq_id);
 
 // llama.h: vocabulary
 int32_t llama_vocab_n_tokens(const struct llama_vocab *vocab);

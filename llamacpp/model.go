@@ -77,6 +77,10 @@ func (m *Model) readInfo(path string) ModelInfo {
 		Recurrent: bool(C.llama_model_is_recurrent(m.m)),
 		NoRoPE:    C.llama_model_rope_type(m.m) == C.LLAMA_ROPE_TYPE_NONE,
 	}
+	switch C.llama_model_rope_type(m.m) {
+	case C.LLAMA_ROPE_TYPE_MROPE, C.LLAMA_ROPE_TYPE_IMROPE:
+		in.MRoPE = true
+	}
 	buf := make([]byte, 256)
 	if n := C.llama_model_desc(m.m, (*C.char)(unsafe.Pointer(&buf[0])), C.size_t(len(buf))); n > 0 {
 		in.Desc = string(buf[:min(int(n), len(buf)-1)])

@@ -119,6 +119,12 @@ type ContextOptions struct {
 	// KType and VType are the cache types; they default to F16. A quantized
 	// V cache needs flash attention.
 	KType, VType CacheType
+	// KeepHoles leaves evicted cells where they were. By default an
+	// eviction ends with a compaction of the sequence (see
+	// Context.EvictPositions): llama.cpp attends over every cell up to the
+	// highest one in use, so without it a cache evicted to half still
+	// costs each decoded token the width it had before.
+	KeepHoles bool
 }
 
 // ModelInfo describes a loaded model.
@@ -139,6 +145,10 @@ type ModelInfo struct {
 	// NoRoPE: llama_model_rope_type is none (ALiBi or learned positions), so
 	// the graph has no RoPE'd "Kcur-N" node for the callback to read.
 	NoRoPE bool
+	// MRoPE: multi-section RoPE (llama_model_rope_type mrope or imrope): its
+	// cells carry extra position data that llama.cpp v0.24.0 does not
+	// restore from a sequence's state, so eviction leaves holes (KeepHoles).
+	MRoPE bool
 	// MLA: multi-head latent attention (<arch>.attention.kv_lora_rank is set):
 	// keys are assembled from a compressed latent, not one "Kcur-N" ROPE node.
 	MLA bool
