@@ -58,11 +58,7 @@ func (c *Context) compactLocked(seq hooks.SeqID) error {
 	}
 	if got := C.llama_state_seq_set_data(c.c, (*C.uint8_t)(buf), n, id); got != n {
 		lost := c.live[seq].n
-		C.llama_memory_seq_rm(c.mem, id, -1, -1)
-		c.live[seq] = posSet{}
-		c.held[seq] = posSet{}
-		c.cellsKnown[seq] = false
-		c.epochs[seq]++
+		c.dropSeqLocked(seq)
 		return &CError{Func: "llama_state_seq_set_data", Code: int(got),
 			Msg: fmt.Sprintf("seq %d: compacting %d cells after an eviction failed; llama.cpp removed the sequence", seq, lost), Err: ErrDecode}
 	}

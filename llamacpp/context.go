@@ -486,12 +486,7 @@ func (c *Context) Clear(seq hooks.SeqID) error {
 	if err := c.lockSeq(seq); err != nil {
 		return err
 	}
-	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), -1, -1)
-	c.live[seq] = posSet{}
-	c.held[seq] = posSet{}
-	c.cells[seq] = emptyCells(c.capacity)
-	c.cellsKnown[seq] = true
-	c.epochs[seq]++
+	c.dropSeqLocked(seq)
 	obs := c.obs
 	c.mu.Unlock()
 	if obs != nil {
@@ -504,6 +499,17 @@ func (c *Context) Clear(seq hooks.SeqID) error {
 		c.mu.Unlock()
 	}
 	return nil
+}
+
+// dropSeqLocked removes every cell of seq from llama.cpp and from the
+// context's account, and starts a new epoch (c.mu held).
+func (c *Context) dropSeqLocked(seq hooks.SeqID) {
+	C.llama_memory_seq_rm(c.mem, C.llama_seq_id(seq), -1, -1)
+	c.live[seq] = posSet{}
+	c.held[seq] = posSet{}
+	c.cells[seq] = emptyCells(c.capacity)
+	c.cellsKnown[seq] = true
+	c.epochs[seq]++
 }
 
 // SeqEpoch is the number of times seq was cleared; a compressor reads it
