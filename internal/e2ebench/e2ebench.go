@@ -161,7 +161,8 @@ type Row struct {
 	PairedBaseMedianMs   float64 `json:"paired_base_median_ms,omitempty"`
 	PairedMedianRatio    float64 `json:"paired_median_ratio,omitempty"`
 	// The third side when the row decodes with its observer: the same
-	// compressed engine decoding without it, and its ratio to the
+	// compressed engine decoding without it (interleaved token by token with
+	// the tokens it decodes with the observer), and its ratio to the
 	// uncompressed side (what compression alone gains).
 	PairedNoObserverTokensPerS float64 `json:"paired_no_observer_tokens_per_s,omitempty"`
 	PairedNoObserverRatio      float64 `json:"paired_no_observer_ratio,omitempty"`
@@ -484,8 +485,13 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // side always goes first. When the row decodes with its observer attached
 // (obs), the compressed engine also decodes s.Paired tokens without it, as a
 // third side: that splits the ratio into what compression gains and what
-// streaming new keys to the compressor costs. Only the Decode calls are
-// timed. The second engine is opened after the row's memory was read, so it
+// streaming new keys to the compressor costs. The compressed engine's block
+// then holds both, token by token in ABBA order (with, without, without,
+// with, ...): the two run on the same engine at the same context, after the
+// same other engine, so nothing but the observer differs between them (as
+// separate blocks, the side that followed itself across a round's end and
+// the side that always followed another engine differed in more than the
+// observer). Only the Decode calls are timed. The second engine is opened after the row's memory was read, so it
 // is not in the row's peak RSS.
 func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, obs hooks.Observer, next int32, toks []int32, r *Row, log io.Writer) error {
 	const seq = 0
@@ -528,9 +534,6 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	// 1 the uncompressed engine, 2 the compressed engine without obs, 3 a
 	// second uncompressed engine (the A/A control).
 	sides := []int{0, 1}
-	if obs != nil {
-		sides = append(sides, 2)
-	}
 	var ctl hooks.Engine
 	var cnext int32
 	if s.Control {
@@ -541,24 +544,40 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		sides = append(sides, 3)
 	}
 	lat := make([][]time.Duration, 4)
-	// decode runs n tokens of one side, timed into lat when it is non-nil.
-	decode := func(side, n int, lat *[]time.Duration) (err error) {
+	// decode runs n tokens of one side, timed into lat[side] when timed
+	// (and, for the compressed engine with an observer, n more without it,
+	// timed into lat[2]).
+	decode := func(side, n int, timed bool) (err error) {
+		var into, without *[]time.Duration
+		if timed {
+			into, without = &lat[side], &lat[2]
+		}
 		switch side {
 		case 0:
-			eng.SetObserver(obs)
-			next, err = decodeN(eng, seq, next, n, lat)
+			if obs == nil {
+				next, err = decodeN(eng, seq, next, n, into)
+				break
+			}
+			// n tokens with the observer and n without, interleaved.
+			for j := range 2 * n {
+				o, l := hooks.Observer(nil), without
+				if j%4 == 0 || j%4 == 3 {
+					o, l = obs, into
+				}
+				eng.SetObserver(o)
+				if next, err = decodeN(eng, seq, next, 1, l); err != nil {
+					return err
+				}
+			}
 		case 1:
-			bnext, err = decodeN(base, seq, bnext, n, lat)
-		case 2:
-			eng.SetObserver(nil)
-			next, err = decodeN(eng, seq, next, n, lat)
+			bnext, err = decodeN(base, seq, bnext, n, into)
 		case 3:
-			cnext, err = decodeN(ctl, seq, cnext, n, lat)
+			cnext, err = decodeN(ctl, seq, cnext, n, into)
 		}
 		return err
 	}
 	for _, side := range sides {
-		if err := decode(side, PairedBlock, nil); err != nil {
+		if err := decode(side, PairedBlock, false); err != nil {
 			return err
 		}
 	}
@@ -569,7 +588,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 			slices.Reverse(order)
 		}
 		for _, side := range order {
-			if err := decode(side, n, &lat[side]); err != nil {
+			if err := decode(side, n, true); err != nil {
 				return err
 			}
 		}

@@ -120,7 +120,8 @@ func Targets(rows []*Row) []Target {
 		}
 		if r.Keep < 1 && r.PairedNoObserverRatio > 0 {
 			// What the observer may cost while decoding: the same engine with
-			// and without it, in the same alternating blocks (issue 14).
+			// and without it, token by token in the compressed engine's
+			// blocks (issue 14).
 			rel := r.PairedRatio / r.PairedNoObserverRatio
 			out = append(out, Target{"decode with the observer ≥ without it − 2%: " + id, rel >= 0.98,
 				fmt.Sprintf("paired: ×%.3f with, ×%.3f without = %+.1f%%%s", r.PairedRatio, r.PairedNoObserverRatio, 100*(rel-1), control(r))})
