@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"time"
 
@@ -166,6 +167,15 @@ type Row struct {
 	// uncompressed side (what compression alone gains).
 	PairedNoObserverTokensPerS float64 `json:"paired_no_observer_tokens_per_s,omitempty"`
 	PairedNoObserverRatio      float64 `json:"paired_no_observer_ratio,omitempty"`
+	// PairedObserverCI is a 95% bootstrap interval of (with ÷ without) − 1 in
+	// tokens/s, resampling the pairs of adjacent tokens with and without the
+	// observer: what one row resolves of the observer's cost.
+	PairedObserverCI []float64 `json:"paired_observer_ci,omitempty"`
+	// PairedLatencyMs holds every timed token's latency by side ("with":
+	// the compressed engine as the row decodes, "base": uncompressed,
+	// "without": the compressed engine without its observer, "control"), in
+	// the order decoded.
+	PairedLatencyMs map[string][]float64 `json:"paired_latency_ms,omitempty"`
 	// The control side (Spec.Control): a second uncompressed engine, and
 	// its ratio to the first (1 but for what the bench cannot resolve).
 	PairedControlTokensPerS float64 `json:"paired_control_tokens_per_s,omitempty"`
@@ -612,7 +622,9 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	if obs != nil {
 		r.PairedNoObserverTokensPerS = tps(lat[2])
 		r.PairedNoObserverRatio = r.PairedNoObserverTokensPerS / r.PairedBaseTokensPerS
-		fmt.Fprintf(log, "; without the observer %.2f tok/s (×%.3f)", r.PairedNoObserverTokensPerS, r.PairedNoObserverRatio)
+		r.PairedObserverCI = observerCI(lat[0], lat[2])
+		fmt.Fprintf(log, "; without the observer %.2f tok/s (×%.3f; with/without %+.1f%%, 95%% CI %+.1f%% … %+.1f%%)", r.PairedNoObserverTokensPerS, r.PairedNoObserverRatio,
+			100*(r.PairedRatio/r.PairedNoObserverRatio-1), 100*r.PairedObserverCI[0], 100*r.PairedObserverCI[1])
 	}
 	if ctl != nil {
 		r.PairedControlTokensPerS = tps(lat[3])
@@ -620,7 +632,42 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		fmt.Fprintf(log, "; control (a second uncompressed engine) %.2f tok/s (×%.3f)", r.PairedControlTokensPerS, r.PairedControlRatio)
 	}
 	fmt.Fprintln(log)
+	r.PairedLatencyMs = map[string][]float64{}
+	for side, name := range []string{"with", "base", "without", "control"} {
+		if len(lat[side]) > 0 {
+			r.PairedLatencyMs[name] = make([]float64, len(lat[side]))
+			for i, d := range lat[side] {
+				r.PairedLatencyMs[name][i] = ms(d)
+			}
+		}
+	}
 	return nil
+}
+
+// observerCI returns a 95% percentile bootstrap interval of the tokens/s of
+// with over those of without, minus 1. with[i] and without[i] were decoded
+// next to each other on the same engine (pairedDecode), so the pairs are
+// resampled together; the seed is fixed, so a row's interval is
+// reproducible from its latencies.
+func observerCI(with, without []time.Duration) []float64 {
+	n := min(len(with), len(without))
+	if n == 0 {
+		return nil
+	}
+	const resamples = 4000
+	rng := rand.New(rand.NewPCG(14, 2))
+	stats := make([]float64, resamples)
+	for b := range stats {
+		var sw, so time.Duration
+		for range n {
+			i := rng.IntN(n)
+			sw += with[i]
+			so += without[i]
+		}
+		stats[b] = float64(so)/float64(sw) - 1
+	}
+	slices.Sort(stats)
+	return []float64{stats[resamples*25/1000], stats[resamples*975/1000-1]}
 }
 
 func median(l []time.Duration) time.Duration {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -104,4 +105,38 @@ func TestChunkedReport(t *testing.T) {
 	assert.Contains(t, b.String(), "| 1 | 1024 | 200 |")
 	assert.Contains(t, b.String(), "×0.550")
 	require.NoError(t, PlotChunked(filepath.Join(t.TempDir(), "c.png"), c))
+}
+
+func TestObserverCI(t *testing.T) {
+	ms := func(v ...float64) []time.Duration {
+		out := make([]time.Duration, len(v))
+		for i, x := range v {
+			out[i] = time.Duration(x * float64(time.Millisecond))
+		}
+		return out
+	}
+	assert.Nil(t, observerCI(nil, nil))
+	// The same latencies both ways: no cost, and no width.
+	same := ms(100, 90, 110, 95, 105, 100)
+	assert.Equal(t, []float64{0, 0}, observerCI(same, same))
+
+	// With the observer 10% slower per token, whatever each pair's speed:
+	// tokens/s with ÷ without − 1 = 1/1.1 − 1, at both ends.
+	without := ms(80, 120, 100, 90, 130, 70, 110, 100)
+	with := make([]time.Duration, len(without))
+	for i, d := range without {
+		with[i] = d * 11 / 10
+	}
+	ci := observerCI(with, without)
+	require.Len(t, ci, 2)
+	assert.InDelta(t, 1/1.1-1, ci[0], 1e-9)
+	assert.InDelta(t, 1/1.1-1, ci[1], 1e-9)
+
+	// Pairs that disagree give an interval around their ratio of sums.
+	with = ms(100, 100, 100, 100, 100, 100, 100, 100)
+	without = ms(90, 110, 95, 105, 80, 120, 100, 100)
+	ci = observerCI(with, without)
+	assert.Less(t, ci[0], 0.0)
+	assert.Greater(t, ci[1], 0.0)
+	assert.Less(t, ci[0], ci[1])
 }

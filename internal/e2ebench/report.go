@@ -71,6 +71,15 @@ func ratio(x float64) string {
 	return fmt.Sprintf("%.3f", x)
 }
 
+// observerCIText prints the row's interval of the observer's cost, when it has
+// one.
+func observerCIText(r *Row) string {
+	if len(r.PairedObserverCI) != 2 {
+		return ""
+	}
+	return fmt.Sprintf(" (95%% CI over the paired tokens %+.1f%% … %+.1f%%)", 100*r.PairedObserverCI[0], 100*r.PairedObserverCI[1])
+}
+
 func noObs(r *Row) string {
 	if r.PairedNoObserverRatio == 0 {
 		return ""
@@ -124,7 +133,7 @@ func Targets(rows []*Row) []Target {
 			// blocks (issue 14).
 			rel := r.PairedRatio / r.PairedNoObserverRatio
 			out = append(out, Target{"decode with the observer ≥ without it − 2%: " + id, rel >= 0.98,
-				fmt.Sprintf("paired: ×%.3f with, ×%.3f without = %+.1f%%%s", r.PairedRatio, r.PairedNoObserverRatio, 100*(rel-1), control(r))})
+				fmt.Sprintf("paired: ×%.3f with, ×%.3f without = %+.1f%%%s%s", r.PairedRatio, r.PairedNoObserverRatio, 100*(rel-1), observerCIText(r), control(r))})
 		}
 		switch {
 		case r.Keep != 0.5:
