@@ -174,7 +174,8 @@ type Row struct {
 	// PairedLatencyMs holds every timed token's latency by side ("with":
 	// the compressed engine as the row decodes, "base": uncompressed,
 	// "without": the compressed engine without its observer, "control"), in
-	// the order decoded.
+	// the order decoded, and under "<side>_first" the untimed first token
+	// of each of the side's blocks ("with_first": the compressed engine's).
 	PairedLatencyMs map[string][]float64 `json:"paired_latency_ms,omitempty"`
 	// The control side (Spec.Control): a second uncompressed engine, and
 	// its ratio to the first (1 but for what the bench cannot resolve).
@@ -323,7 +324,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	}
 	ctx := s.Ctx
 	if ctx <= 0 {
-		ctx = AutoCtx(s.PromptTokens, s.Decode+2*(s.Paired+PairedBlock))
+		ctx = AutoCtx(s.PromptTokens, s.Decode+2*(s.Paired+PairedBlock)+settleTokens(s.Paired))
 	}
 	load := LoadAvg()
 	eng, err := open(f, s, ctx, log)
@@ -501,14 +502,18 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // same other engine, so nothing but the observer differs between them (as
 // separate blocks, the side that followed itself across a round's end and
 // the side that always followed another engine differed in more than the
-// observer). Only the Decode calls are timed. The second engine is opened after the row's memory was read, so it
+// observer); which of the two goes first alternates by round. Every timed
+// block starts with one untimed token (settleTokens): the first token after
+// a switch from another engine runs on caches that engine filled, and
+// timing it charged whichever side happened to go first in a block. Only the
+// Decode calls are timed. The second engine is opened after the row's memory was read, so it
 // is not in the row's peak RSS.
 func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, obs hooks.Observer, next int32, toks []int32, r *Row, log io.Writer) error {
 	const seq = 0
 	// Each side first decodes one untimed block: the first block after the
 	// other engine's prefill ran on cold caches and made the side that goes
 	// first (the compressed engine with its observer) look slower.
-	need := s.PromptTokens + s.Decode + s.Paired + PairedBlock // the compressed engine's
+	need := s.PromptTokens + s.Decode + s.Paired + PairedBlock + settleTokens(s.Paired) // the compressed engine's
 	if obs != nil {
 		need += s.Paired + PairedBlock
 	}
@@ -554,13 +559,33 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		sides = append(sides, 3)
 	}
 	lat := make([][]time.Duration, 4)
+	// decode1 decodes the untimed first token of a side's block (its
+	// latency is kept apart, in first[side]).
+	first := make([][]time.Duration, 4)
+	decode1 := func(side int) (err error) {
+		switch side {
+		case 0:
+			next, err = decodeN(eng, seq, next, 1, &first[side])
+		case 1:
+			bnext, err = decodeN(base, seq, bnext, 1, &first[side])
+		case 3:
+			cnext, err = decodeN(ctl, seq, cnext, 1, &first[side])
+		}
+		return err
+	}
 	// decode runs n tokens of one side, timed into lat[side] when timed
 	// (and, for the compressed engine with an observer, n more without it,
 	// timed into lat[2]).
-	decode := func(side, n int, timed bool) (err error) {
+	decode := func(side, n int, timed bool, round int) (err error) {
 		var into, without *[]time.Duration
 		if timed {
 			into, without = &lat[side], &lat[2]
+			if side == 0 {
+				eng.SetObserver(obs)
+			}
+			if err := decode1(side); err != nil {
+				return err
+			}
 		}
 		switch side {
 		case 0:
@@ -571,7 +596,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 			// n tokens with the observer and n without, interleaved.
 			for j := range 2 * n {
 				o, l := hooks.Observer(nil), without
-				if j%4 == 0 || j%4 == 3 {
+				if (j%4 == 0 || j%4 == 3) == (round%2 == 0) {
 					o, l = obs, into
 				}
 				eng.SetObserver(o)
@@ -587,7 +612,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		return err
 	}
 	for _, side := range sides {
-		if err := decode(side, PairedBlock, false); err != nil {
+		if err := decode(side, PairedBlock, false, 0); err != nil {
 			return err
 		}
 	}
@@ -598,7 +623,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 			slices.Reverse(order)
 		}
 		for _, side := range order {
-			if err := decode(side, n, true); err != nil {
+			if err := decode(side, n, true, i); err != nil {
 				return err
 			}
 		}
@@ -634,10 +659,12 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	fmt.Fprintln(log)
 	r.PairedLatencyMs = map[string][]float64{}
 	for side, name := range []string{"with", "base", "without", "control"} {
-		if len(lat[side]) > 0 {
-			r.PairedLatencyMs[name] = make([]float64, len(lat[side]))
-			for i, d := range lat[side] {
-				r.PairedLatencyMs[name][i] = ms(d)
+		for suffix, l := range map[string][]time.Duration{"": lat[side], "_first": first[side]} {
+			if len(l) > 0 {
+				r.PairedLatencyMs[name+suffix] = make([]float64, len(l))
+				for i, d := range l {
+					r.PairedLatencyMs[name+suffix][i] = ms(d)
+				}
 			}
 		}
 	}
@@ -669,6 +696,10 @@ func observerCI(with, without []time.Duration) []float64 {
 	slices.Sort(stats)
 	return []float64{stats[resamples*25/1000], stats[resamples*975/1000-1]}
 }
+
+// settleTokens is the number of untimed tokens each engine decodes in the
+// paired measurement beside its blocks: one per round.
+func settleTokens(paired int) int { return (paired + PairedBlock - 1) / PairedBlock }
 
 func median(l []time.Duration) time.Duration {
 	s := slices.Clone(l)
