@@ -62,12 +62,16 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	inProc := fs.Bool("in-process", false, "measure in this process instead of one child process per row (peak RSS is then cumulative)")
 	asJSON := fs.Bool("json", false, "print JSON (a list of rows; with --chunked, the chunked result) instead of tables")
 	fromJSON := fs.String("from-json", "", "measure nothing: print and write (--out) the tables and plots of a JSON file an earlier run wrote (rows or --chunked)")
+	pool := fs.String("pool-observer", "", "measure nothing: pool the observer's decode cost (with against without it, token by token) over the rows of earlier runs' JSON files or --out directories, comma-separated, by runtime, with a 95% bootstrap interval")
 	out := fs.String("out", "", "directory for the JSON, a markdown table and the plot (e2e-RUNTIME.*, chunked-RUNTIME.*)")
 	if _, err := parseFlags(fs, args, 0); err != nil {
 		return err
 	}
 	if *fromJSON != "" {
 		return replayE2E(*fromJSON, *chunked, *out, *asJSON, stdout)
+	}
+	if *pool != "" {
+		return poolObserver(strings.Split(*pool, ","), stdout)
 	}
 	if *model == "" {
 		return errors.New("--model is required")
@@ -158,6 +162,37 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 }
 
 // replayE2E prints and writes the reports of a JSON file of an earlier run.
+// poolObserver prints the observer's cost pooled over the rows of the given
+// JSON files, or of the e2e-*.json files in the given directories.
+func poolObserver(paths []string, stdout io.Writer) error {
+	var rows []*e2ebench.Row
+	for _, p := range paths {
+		files := []string{p}
+		if st, err := os.Stat(p); err != nil {
+			return fmt.Errorf("--pool-observer: %w", err)
+		} else if st.IsDir() {
+			if files, err = filepath.Glob(filepath.Join(p, "e2e-*.json")); err != nil {
+				return err
+			}
+			if len(files) == 0 {
+				return fmt.Errorf("--pool-observer: %s holds no e2e-*.json", p)
+			}
+		}
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				return err
+			}
+			var rs []*e2ebench.Row
+			if err := json.Unmarshal(b, &rs); err != nil {
+				return fmt.Errorf("--pool-observer: %s: %w (want the rows of bench e2e)", f, err)
+			}
+			rows = append(rows, rs...)
+		}
+	}
+	return e2ebench.WriteObserverPool(stdout, e2ebench.PoolObserver(rows))
+}
+
 func replayE2E(path string, chunked bool, out string, asJSON bool, stdout io.Writer) error {
 	b, err := os.ReadFile(path)
 	if err != nil {

@@ -246,4 +246,16 @@ func TestBenchE2EFlags(t *testing.T) {
 	ks, err := parseKeeps("0.25,0.5")
 	require.NoError(t, err)
 	assert.Equal(t, []float64{1, 0.5, 0.25}, ks)
+
+	// --pool-observer reads earlier runs' rows, from a file or a directory.
+	dir := t.TempDir()
+	rows := `[{"runtime":"r","keep":0.5,"paired_latency_ms":{"with":[110,110],"without":[100,100]}},{"runtime":"r","keep":1}]`
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "e2e-r.json"), []byte(rows), 0o644))
+	stdout.Reset()
+	stderr.Reset()
+	assert.Equal(t, 0, run([]string{"bench", "e2e", "--pool-observer", dir}, &stdout, &stderr), stderr.String())
+	assert.Contains(t, stdout.String(), "r: decode with the observer vs without it, pooled over 1 rows (2 token pairs): -9.09% (95% CI -9.09% … -9.09%)")
+	stderr.Reset()
+	assert.Equal(t, 1, run([]string{"bench", "e2e", "--pool-observer", t.TempDir()}, &stdout, &stderr))
+	assert.Contains(t, stderr.String(), "holds no e2e-*.json")
 }

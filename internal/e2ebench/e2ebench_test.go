@@ -140,3 +140,32 @@ func TestObserverCI(t *testing.T) {
 	assert.Greater(t, ci[1], 0.0)
 	assert.Less(t, ci[0], ci[1])
 }
+
+func TestPoolObserver(t *testing.T) {
+	row := func(rt string, with, without []float64) *Row {
+		return &Row{Runtime: rt, PairedLatencyMs: map[string][]float64{"with": with, "without": without}}
+	}
+	rows := []*Row{
+		row("a", []float64{110, 110, 110, 110}, []float64{100, 100, 100, 100}), // with 10% slower per token
+		row("a", []float64{50, 50}, []float64{50, 50}),                         // no cost
+		row("b", []float64{100, 120}, []float64{100, 120}),
+		{Runtime: "c"}, // no latencies: skipped
+	}
+	pools := PoolObserver(rows)
+	require.Len(t, pools, 2)
+	a := pools[0]
+	assert.Equal(t, "a", a.Runtime)
+	assert.Equal(t, 2, a.Rows)
+	assert.Equal(t, 6, a.Pairs)
+	assert.InDelta(t, (100.0/110-1)/2, a.Cost, 1e-12, "rows weigh the same")
+	assert.InDelta(t, a.Cost, a.CI[0], 1e-12, "constant ratios within each row: no width")
+	assert.InDelta(t, a.Cost, a.CI[1], 1e-12)
+	assert.Equal(t, ObserverPool{Runtime: "b", Rows: 1, Pairs: 2}, pools[1])
+
+	var b bytes.Buffer
+	require.NoError(t, WriteObserverPool(&b, pools))
+	assert.Contains(t, b.String(), "a: decode with the observer vs without it, pooled over 2 rows (6 token pairs): -4.55%")
+	b.Reset()
+	require.NoError(t, WriteObserverPool(&b, nil))
+	assert.Contains(t, b.String(), "no rows")
+}
