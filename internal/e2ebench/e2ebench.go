@@ -506,8 +506,8 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // block starts with one untimed token (settleTokens): the first token after
 // a switch from another engine runs on caches that engine filled, and
 // timing it charged whichever side happened to go first in a block. Only the
-// Decode calls are timed. The second engine is opened after the row's memory was read, so it
-// is not in the row's peak RSS.
+// Decode calls are timed. The second engine is opened after the row's memory
+// was read, so it is not in the row's peak RSS.
 func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, obs hooks.Observer, next int32, toks []int32, r *Row, log io.Writer) error {
 	const seq = 0
 	// Each side first decodes one untimed block: the first block after the
