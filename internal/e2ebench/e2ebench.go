@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"math/rand/v2"
 	"slices"
 	"time"
 
@@ -681,20 +680,12 @@ func observerCI(with, without []time.Duration) []float64 {
 	if n == 0 {
 		return nil
 	}
-	const resamples = 4000
-	rng := rand.New(rand.NewPCG(14, 2))
-	stats := make([]float64, resamples)
-	for b := range stats {
-		var sw, so time.Duration
-		for range n {
-			i := rng.IntN(n)
-			sw += with[i]
-			so += without[i]
-		}
-		stats[b] = float64(so)/float64(sw) - 1
+	w, o := make([]float64, n), make([]float64, n)
+	for i := range n {
+		w[i], o[i] = ms(with[i]), ms(without[i])
 	}
-	slices.Sort(stats)
-	return []float64{stats[resamples*25/1000], stats[resamples*975/1000-1]}
+	_, ci := costCI([][2][]float64{{w, o}}, 2)
+	return ci[:]
 }
 
 // settleTokens is the number of untimed tokens each engine decodes in the

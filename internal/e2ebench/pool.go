@@ -39,6 +39,24 @@ func PoolObserver(rows []*Row) []ObserverPool {
 		}
 		by[r.Runtime] = append(by[r.Runtime], [2][]float64{with[:n], without[:n]})
 	}
+	var out []ObserverPool
+	for _, rt := range order {
+		rs := by[rt]
+		p := ObserverPool{Runtime: rt, Rows: len(rs)}
+		for _, r := range rs {
+			p.Pairs += len(r[0])
+		}
+		p.Cost, p.CI = costCI(rs, 3)
+		out = append(out, p)
+	}
+	return out
+}
+
+// costCI returns the mean over rows of (tokens/s with ÷ without) − 1 (each
+// row a pair of latency lists, with and without, pair i decoded next to
+// each other) and a 95% percentile bootstrap interval of it, resampling
+// the pairs within each row from a generator seeded with stream.
+func costCI(rows [][2][]float64, stream uint64) (float64, [2]float64) {
 	cost := func(with, without []float64, idx func(int) int) float64 {
 		var sw, so float64
 		for i := range with {
@@ -48,28 +66,21 @@ func PoolObserver(rows []*Row) []ObserverPool {
 		}
 		return so/sw - 1
 	}
-	var out []ObserverPool
-	for _, rt := range order {
-		rs := by[rt]
-		p := ObserverPool{Runtime: rt, Rows: len(rs)}
-		for _, r := range rs {
-			p.Pairs += len(r[0])
-			p.Cost += cost(r[0], r[1], func(i int) int { return i }) / float64(len(rs))
-		}
-		const resamples = 4000
-		rng := rand.New(rand.NewPCG(14, 3))
-		stats := make([]float64, resamples)
-		for b := range stats {
-			for _, r := range rs {
-				n := len(r[0])
-				stats[b] += cost(r[0], r[1], func(int) int { return rng.IntN(n) }) / float64(len(rs))
-			}
-		}
-		slices.Sort(stats)
-		p.CI = [2]float64{stats[resamples*25/1000], stats[resamples*975/1000-1]}
-		out = append(out, p)
+	var mean float64
+	for _, r := range rows {
+		mean += cost(r[0], r[1], func(i int) int { return i }) / float64(len(rows))
 	}
-	return out
+	const resamples = 4000
+	rng := rand.New(rand.NewPCG(14, stream))
+	stats := make([]float64, resamples)
+	for b := range stats {
+		for _, r := range rows {
+			n := len(r[0])
+			stats[b] += cost(r[0], r[1], func(int) int { return rng.IntN(n) }) / float64(len(rows))
+		}
+	}
+	slices.Sort(stats)
+	return mean, [2]float64{stats[resamples*25/1000], stats[resamples*975/1000-1]}
 }
 
 // WriteObserverPool prints one line per runtime.
