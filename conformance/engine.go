@@ -35,6 +35,17 @@ type EngineOptions struct {
 // reported as n/a, not as an error.
 type EngineFactory func(o EngineOptions) (hooks.Engine, error)
 
+// Twinner is an engine that can open a second engine on its loaded weights,
+// with a cache of its own (as large, of the same type, no observer). A
+// comparison of two caches on twins runs both on the same weights in memory;
+// two loads of one file need not place them alike, and the engine-to-engine
+// difference that leaves is of the size of what compression changes in
+// decode speed (docs/results.md). The twin is used from the same goroutine
+// as the engine, and each is closed on its own.
+type Twinner interface {
+	Twin() (hooks.Engine, error)
+}
+
 // Runtime is a named factory the suite runs.
 type Runtime struct {
 	Name string

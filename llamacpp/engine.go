@@ -14,6 +14,10 @@ import (
 type Engine struct {
 	m *Model
 	c *Context
+	// users counts the open engines on m (the first and its twins); m is
+	// closed with the last of them.
+	users  *int
+	closed bool
 }
 
 var (
@@ -38,7 +42,23 @@ func NewEngine(m *Model, o ContextOptions) (*Engine, error) {
 		m.Close()
 		return nil, err
 	}
-	return &Engine{m: m, c: c}, nil
+	return &Engine{m: m, c: c, users: new(1)}, nil
+}
+
+// Twin creates a second engine on e's model: a context of its own with e's
+// options (its own cache and sequences, no observer), the weights not loaded
+// again. An engine and its twins are used from one goroutine at a time, as
+// one engine is; the model is closed with the last of them.
+func (e *Engine) Twin() (*Engine, error) {
+	if e.closed {
+		return nil, fmt.Errorf("%w: twin of a closed engine", ErrClosed)
+	}
+	c, err := e.m.NewContext(e.c.opts)
+	if err != nil {
+		return nil, err
+	}
+	*e.users++
+	return &Engine{m: e.m, c: c, users: e.users}, nil
 }
 
 // Model and Context give access to the full llamacpp API.
@@ -124,8 +144,19 @@ func (e *Engine) Live(seq hooks.SeqID) (int, int64, error) {
 
 func (e *Engine) RemoveSequence(seq hooks.SeqID) error { return e.c.Clear(seq) }
 
-// Close frees the context and the model; it is safe to call twice.
-func (e *Engine) Close() error { return errors.Join(e.c.Close(), e.m.Close()) }
+// Close frees the context, and the model unless a twin still uses it; it is
+// safe to call twice.
+func (e *Engine) Close() error {
+	if e.closed {
+		return nil
+	}
+	e.closed = true
+	err := e.c.Close()
+	if *e.users--; *e.users == 0 {
+		err = errors.Join(err, e.m.Close())
+	}
+	return err
+}
 
 func allIndices(n int) []int {
 	out := make([]int, n)

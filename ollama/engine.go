@@ -71,6 +71,21 @@ func OpenEngine(path string, cfg Config) (*Engine, error) {
 	return e, nil
 }
 
+// Twin opens a second engine on e's loaded model (Session.Twin): the weights
+// are shared, not loaded again; the twin has a cache of its own, as large and
+// of the same type as e's, and no observer. An engine and its twins are used
+// from one goroutine at a time, as one engine is; the model is freed when the
+// last of them is closed. The paired decode of `kvnorm bench e2e` compares a
+// compressed engine with its uncompressed twin, so that the two differ only
+// in their caches.
+func (e *Engine) Twin() (*Engine, error) {
+	s, err := e.s.Twin()
+	if err != nil {
+		return nil, err
+	}
+	return &Engine{s: s, c: s.cache, info: e.info}, nil
+}
+
 // trainedContext reads <arch>.context_length from the GGUF file (512 when
 // it cannot).
 func trainedContext(path string) int {

@@ -37,12 +37,34 @@ func InstallWith(m model.Model, o Options) (*Cache, error) {
 	if m == nil {
 		return nil, fmt.Errorf("%w: nil model", ErrUnsupportedModel)
 	}
-	cfg := m.Backend().Config()
-	arch := cfg.Architecture()
+	arch := m.Backend().Config().Architecture()
 	if err := CheckCache(arch, m.Config().Cache); err != nil {
 		return nil, err
 	}
+	c, err := newCacheFor(m, o)
+	if err != nil {
+		return nil, err
+	}
+	v := reflect.ValueOf(m)
+	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
+		return nil, fmt.Errorf("%w: architecture %q: model is a %T, not a pointer to a struct", ErrUnsupportedModel, arch, m)
+	}
+	f := v.Elem().FieldByName("Cache")
+	if !f.IsValid() || !f.CanSet() || !reflect.TypeOf(c).AssignableTo(f.Type()) {
+		return nil, fmt.Errorf("%w: architecture %q: no settable Cache field", ErrUnsupportedModel, arch)
+	}
+	f.Set(reflect.ValueOf(c))
+	if m.Config().Cache != kvcache.Cache(c) {
+		return nil, fmt.Errorf("%w: architecture %q: the cache did not take", ErrUnsupportedModel, arch)
+	}
+	return c, nil
+}
 
+// newCacheFor builds a kvnorm cache shaped for m's attention (InstallWith
+// without installing it).
+func newCacheFor(m model.Model, o Options) (*Cache, error) {
+	cfg := m.Backend().Config()
+	arch := cfg.Architecture()
 	heads := int(cfg.Uint("attention.head_count"))
 	o.Layers = int(cfg.Uint("block_count"))
 	o.KVHeads = int(cfg.Uint("attention.head_count_kv", uint32(heads)))
@@ -58,24 +80,7 @@ func InstallWith(m model.Model, o Options) (*Cache, error) {
 	if o.Shift == nil {
 		o.Shift = shiftOf(m)
 	}
-	c, err := NewCache(o)
-	if err != nil {
-		return nil, err
-	}
-
-	v := reflect.ValueOf(m)
-	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
-		return nil, fmt.Errorf("%w: architecture %q: model is a %T, not a pointer to a struct", ErrUnsupportedModel, arch, m)
-	}
-	f := v.Elem().FieldByName("Cache")
-	if !f.IsValid() || !f.CanSet() || !reflect.TypeOf(c).AssignableTo(f.Type()) {
-		return nil, fmt.Errorf("%w: architecture %q: no settable Cache field", ErrUnsupportedModel, arch)
-	}
-	f.Set(reflect.ValueOf(c))
-	if m.Config().Cache != kvcache.Cache(c) {
-		return nil, fmt.Errorf("%w: architecture %q: the cache did not take", ErrUnsupportedModel, arch)
-	}
-	return c, nil
+	return NewCache(o)
 }
 
 // CheckCache says whether kvnorm can replace cache, the KV cache a model of

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -28,7 +29,10 @@ import (
 // Session is a model loaded in Ollama's Go engine with its cache, decoding
 // one or more sequences. It is safe for concurrent use; calls are serialised.
 type Session struct {
-	mu          sync.Mutex
+	mu          *sync.Mutex // shared with the session's twins
+	share       *modelShare
+	cfg         Config // as opened, defaults applied
+	dtype       ml.DType
 	m           model.Model
 	cache       *Cache // nil with Config.Upstream
 	kv          kvcache.Cache
@@ -72,7 +76,8 @@ func Open(path string, cfg Config) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ollama: load %s: %w", path, err)
 	}
-	s := &Session{m: m, batch: cfg.Batch, maxBatch: cfg.Batch, capacity: cfg.Context, next: map[int]int32{}, pipelined: cfg.Pipelined}
+	s := &Session{mu: new(sync.Mutex), share: &modelShare{users: 1}, cfg: cfg, dtype: dtype, m: m,
+		batch: cfg.Batch, maxBatch: cfg.Batch, capacity: cfg.Context, next: map[int]int32{}, pipelined: cfg.Pipelined}
 	fail := func(err error) (*Session, error) {
 		m.Backend().Close()
 		return nil, err
@@ -98,6 +103,11 @@ func Open(path string, cfg Config) (*Session, error) {
 	s.kv = m.Config().Cache
 	if s.kv == nil {
 		return fail(fmt.Errorf("%w: architecture %q has no KV cache", ErrUnsupportedModel, m.Backend().Config().Architecture()))
+	}
+	if v := reflect.ValueOf(m); v.Kind() == reflect.Pointer && v.Elem().Kind() == reflect.Struct {
+		if f := v.Elem().FieldByName("Cache"); f.IsValid() && f.CanSet() {
+			s.share.field = f
+		}
 	}
 	tok, ok := m.(tokenizer.Tokenizer)
 	if !ok {
@@ -140,8 +150,57 @@ func (s *Session) Close() error {
 	}
 	s.closed = true
 	s.kv.Close()
-	s.m.Backend().Close()
+	if s.share.users--; s.share.users == 0 {
+		s.m.Backend().Close()
+	}
 	return nil
+}
+
+// modelShare is what a session and its twins (Session.Twin) share besides
+// the model and the lock: how many are open, and the model's Cache field,
+// which holds the cache of whichever session ran the last forward pass.
+type modelShare struct {
+	users int
+	field reflect.Value // invalid when the model has no settable Cache field
+}
+
+// Twin opens a second session on s's loaded model: the weights are not
+// loaded again; the twin has a cache of its own, configured as s's (the same
+// Config, policy included), and its own sequences. s and its twins share one
+// lock, so their calls are serialised; the model and its backend are freed
+// when the last of them is closed. Twins make a comparison of two caches
+// (compressed and not, say) run on the same weights in memory, which two
+// loads of one file do not guarantee. Config.Upstream sessions have no twin.
+func (s *Session) Twin() (*Session, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, errors.New("ollama: twin of a closed session")
+	}
+	if s.cache == nil || !s.share.field.IsValid() {
+		return nil, errors.New("ollama: twin: only a session with kvnorm's cache has one (not Config.Upstream)")
+	}
+	cfg := s.cfg
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	// The model's cache stays s's until the twin runs a forward pass
+	// (forwardRows sets the model's Cache field).
+	c, err := newCacheFor(s.m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined, Observe: cfg.Observe})
+	if err != nil {
+		return nil, err
+	}
+	c.Init(s.m.Backend(), s.dtype, cfg.Sequences, cfg.Context, cfg.Batch)
+	if cfg.Policy != nil && c.CompressionError() != nil {
+		c.Close()
+		return nil, c.CompressionError()
+	}
+	t := &Session{mu: s.mu, share: s.share, cfg: cfg, dtype: s.dtype, m: s.m, cache: c, kv: c, tok: s.tok,
+		spacePrefix: s.spacePrefix, batch: s.maxBatch, maxBatch: s.maxBatch, capacity: s.capacity,
+		protected: s.protected, next: map[int]int32{}, pipelined: s.pipelined}
+	s.share.users++
+	return t, nil
 }
 
 // SetBatch sets the largest forward pass to n tokens, 1 <= n <= Config.Batch
@@ -314,6 +373,10 @@ func (s *Session) forwardRows(seq int, chunk []int32, outs []int32) ([][]float32
 	}
 	b.Outputs = ctx.Input().FromInts(outs, len(outs))
 	ctx.SetBatchSize(n)
+	if s.share.field.IsValid() {
+		// The model runs with this session's cache (see Twin).
+		s.share.field.Set(reflect.ValueOf(s.kv))
+	}
 	t, err := model.Forward(ctx, s.m, b)
 	if err != nil {
 		return nil, fmt.Errorf("ollama: forward seq %d at position %d: %w", seq, s.next[seq], err)

@@ -52,6 +52,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	repeat := fs.Int("repeat", 2, "prefills without and with key capture, alternated; the fastest of each is kept")
 	paired := fs.Int("paired", 64, "tokens each side decodes in the paired decode measurement of compressed rows (a second engine holds the prompt uncompressed; the two alternate in one process); 0: none")
 	decObs := fs.Bool("decode-observer", true, "keep the compressor attached while decoding compressed rows (as a deployment must)")
+	separate := fs.Bool("separate-loads", false, "--paired: load the model again for the uncompressed engines instead of opening them as twins of the compressed one (one copy of the weights; Ollama's engine)")
 	control := fs.Bool("control", false, "--paired: also decode on a second uncompressed engine (one more prefill), whose ratio to the first (A/A) shows what the paired measurement can resolve")
 	pairedOnly := fs.Bool("paired-only", false, "measure the compressed rows' paired decode alone: no keep-1 row, and one prefill per row (with the compressor) instead of --repeat prefills without and with capture; the prefill columns stay empty")
 	chunked := fs.Bool("chunked", false, "the chunked-prefill memory experiment instead of the rows: a prompt of --chunk-factor × --ctx tokens at the smallest --keep, RSS after each chunk")
@@ -107,7 +108,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		skipLayers = []int{}
 	}
 	base := e2ebench.Spec{Runtime: *rt, Model: *model, Tokenizer: *tok, Decode: *decode, Ctx: *ctxLen, Threads: *threads,
-		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired, Control: *control, PairedOnly: *pairedOnly}
+		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired, Control: *control, SeparateLoads: *separate, PairedOnly: *pairedOnly}
 	if *out != "" {
 		if err := os.MkdirAll(*out, 0o755); err != nil {
 			return err

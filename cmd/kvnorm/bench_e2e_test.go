@@ -127,6 +127,7 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 					assert.Positive(t, r.PairedNoObserverRatio)
 					assert.InDelta(t, r.PairedControlTokensPerS/r.PairedBaseTokensPerS, r.PairedControlRatio, 1e-9, "the control side: a second uncompressed engine")
 					assert.Positive(t, r.PairedControlRatio)
+					assert.True(t, r.PairedTwins, "the uncompressed engines are twins of the compressed one")
 				} else {
 					assert.Zero(t, r.PairedTokens, "the uncompressed row has nothing to pair with")
 				}

@@ -32,6 +32,17 @@ type llamacppEngine struct {
 
 var _ conformance.AttentionRecorder = (*llamacppEngine)(nil)
 
+var _ conformance.Twinner = (*llamacppEngine)(nil)
+
+// Twin opens a second context on e's model (llamacpp.Engine.Twin).
+func (e *llamacppEngine) Twin() (hooks.Engine, error) {
+	t, err := e.Engine.Twin()
+	if err != nil {
+		return nil, err
+	}
+	return &llamacppEngine{Engine: t, cleanup: func() {}}, nil
+}
+
 func (e *llamacppEngine) Close() error {
 	err := e.Engine.Close()
 	e.cleanup()

@@ -67,6 +67,19 @@ func (e *ollamaEngine) RecordAttention(f func(*conformance.AttentionBatch) error
 	return err
 }
 
+var _ conformance.Twinner = (*ollamaEngine)(nil)
+
+// Twin opens a second engine on e's model (ollama.Engine.Twin): the weights
+// are not loaded again.
+func (e *ollamaEngine) Twin() (hooks.Engine, error) {
+	t, err := e.Engine.Twin()
+	if err != nil {
+		return nil, err
+	}
+	t.SetModelName(e.Info().Model)
+	return &ollamaEngine{Engine: t, cleanup: func() {}}, nil
+}
+
 func (e *ollamaEngine) Close() error {
 	err := e.Engine.Close()
 	e.cleanup()

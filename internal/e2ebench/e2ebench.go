@@ -67,6 +67,11 @@ type Spec struct {
 	// second, so that the ratio of two identical engines (A/A) says how
 	// finely this machine and process resolve a ratio.
 	Control bool `json:"control,omitempty"`
+	// SeparateLoads opens the paired decode's uncompressed engines by loading
+	// the model again, even when the runtime can open them as twins of the
+	// compressed engine (conformance.Twinner: one copy of the weights in
+	// memory, a cache each), which it otherwise does.
+	SeparateLoads bool `json:"separate_loads,omitempty"`
 	// PairedOnly measures a compressed row for its paired decode alone: the
 	// prompt is prefilled once, with the compressor (Repeat is ignored and
 	// no prefill is timed without it), so a row at a long prompt costs one
@@ -180,6 +185,10 @@ type Row struct {
 	// its ratio to the first (1 but for what the bench cannot resolve).
 	PairedControlTokensPerS float64 `json:"paired_control_tokens_per_s,omitempty"`
 	PairedControlRatio      float64 `json:"paired_control_ratio,omitempty"`
+	// PairedTwins is set when the uncompressed engines were twins of the
+	// compressed one (the weights loaded once; Spec.SeparateLoads off and the
+	// runtime a conformance.Twinner).
+	PairedTwins bool `json:"paired_twins,omitempty"`
 
 	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
 	// the end of the row.
@@ -506,7 +515,9 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // a switch from another engine runs on caches that engine filled, and
 // timing it charged whichever side happened to go first in a block. Only the
 // Decode calls are timed. The second engine is opened after the row's memory
-// was read, so it is not in the row's peak RSS.
+// was read, so it is not in the row's peak RSS; it is a twin of the first
+// (conformance.Twinner: the same weights in memory) unless the runtime has
+// none or Spec.SeparateLoads asks for a second load.
 func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, obs hooks.Observer, next int32, toks []int32, r *Row, log io.Writer) error {
 	const seq = 0
 	// Each side first decodes one untimed block: the first block after the
@@ -521,8 +532,17 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	}
 	// uncompressed opens an engine without observer that holds the prompt
 	// and s.Decode decoded tokens, and returns it and its next token.
+	tw, twins := eng.(conformance.Twinner)
+	twins = twins && !s.SeparateLoads
+	r.PairedTwins = twins
 	uncompressed := func(what string) (hooks.Engine, int32, error) {
-		e, err := open(f, s, ctx, log)
+		var e hooks.Engine
+		var err error
+		if twins {
+			e, err = tw.Twin()
+		} else {
+			e, err = open(f, s, ctx, log)
+		}
 		if err != nil {
 			return nil, 0, err
 		}
@@ -641,8 +661,12 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	r.PairedRatio = r.PairedTokensPerS / r.PairedBaseTokensPerS
 	r.PairedMedianMs, r.PairedBaseMedianMs = ms(median(lat[0])), ms(median(lat[1]))
 	r.PairedMedianRatio = r.PairedBaseMedianMs / r.PairedMedianMs
-	fmt.Fprintf(log, "e2e %s: %d tokens keep %g: paired decode %.2f tok/s vs uncompressed %.2f tok/s (×%.3f; median ×%.3f)",
-		r.Runtime, s.PromptTokens, s.Keep, r.PairedTokensPerS, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio)
+	loads := "a second load of the model"
+	if twins {
+		loads = "a twin: the same weights"
+	}
+	fmt.Fprintf(log, "e2e %s: %d tokens keep %g: paired decode %.2f tok/s vs uncompressed (%s) %.2f tok/s (×%.3f; median ×%.3f)",
+		r.Runtime, s.PromptTokens, s.Keep, r.PairedTokensPerS, loads, r.PairedBaseTokensPerS, r.PairedRatio, r.PairedMedianRatio)
 	if obs != nil {
 		r.PairedNoObserverTokensPerS = tps(lat[2])
 		r.PairedNoObserverRatio = r.PairedNoObserverTokensPerS / r.PairedBaseTokensPerS
