@@ -52,6 +52,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	repeat := fs.Int("repeat", 2, "prefills without and with key capture, alternated; the fastest of each is kept")
 	paired := fs.Int("paired", 64, "tokens each side decodes in the paired decode measurement of compressed rows (a second engine holds the prompt uncompressed; the two alternate in one process); 0: none")
 	decObs := fs.Bool("decode-observer", true, "keep the compressor attached while decoding compressed rows (as a deployment must)")
+	block := fs.Int("paired-block", e2ebench.DefaultPairedBlock, "--paired: timed tokens one side decodes before the next takes its turn (each turn adds one untimed token per side)")
 	separate := fs.Bool("separate-loads", false, "--paired: load the model again for the uncompressed engines instead of opening them as twins of the compressed one (one copy of the weights; Ollama's engine)")
 	control := fs.Bool("control", false, "--paired: also decode on a second uncompressed engine (one more prefill), whose ratio to the first (A/A) shows what the paired measurement can resolve")
 	pairedOnly := fs.Bool("paired-only", false, "measure the compressed rows' paired decode alone: no keep-1 row, and one prefill per row (with the compressor) instead of --repeat prefills without and with capture; the prefill columns stay empty")
@@ -63,7 +64,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	inProc := fs.Bool("in-process", false, "measure in this process instead of one child process per row (peak RSS is then cumulative)")
 	asJSON := fs.Bool("json", false, "print JSON (a list of rows; with --chunked, the chunked result) instead of tables")
 	fromJSON := fs.String("from-json", "", "measure nothing: print and write (--out) the tables and plots of a JSON file an earlier run wrote (rows or --chunked)")
-	pool := fs.String("pool-observer", "", "measure nothing: pool the observer's decode cost (with against without it, token by token) over the rows of earlier runs' JSON files or --out directories, comma-separated, by runtime, with a 95% bootstrap interval")
+	pool := fs.String("pool-observer", "", "measure nothing: pool the observer's decode cost (with against without it, token by token) by runtime, and the paired ratio (and A/A control) by runtime, prompt, keep and threads, over the rows of earlier runs' JSON files or --out directories, comma-separated, with 95% bootstrap intervals")
 	out := fs.String("out", "", "directory for the JSON, a markdown table and the plot (e2e-RUNTIME.*, chunked-RUNTIME.*)")
 	if _, err := parseFlags(fs, args, 0); err != nil {
 		return err
@@ -92,8 +93,8 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if *decode < 0 || *paired < 0 || *repeat < 1 || *threads < 0 || *ctxLen < 0 || *factor < 1 {
-		return errors.New("--decode, --paired, --threads and --ctx must be >= 0, --repeat and --chunk-factor >= 1")
+	if *decode < 0 || *paired < 0 || *block < 1 || *repeat < 1 || *threads < 0 || *ctxLen < 0 || *factor < 1 {
+		return errors.New("--decode, --paired, --threads and --ctx must be >= 0, --repeat, --chunk-factor and --paired-block >= 1")
 	}
 	if *pairedOnly {
 		if *paired == 0 || *chunked {
@@ -108,7 +109,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		skipLayers = []int{}
 	}
 	base := e2ebench.Spec{Runtime: *rt, Model: *model, Tokenizer: *tok, Decode: *decode, Ctx: *ctxLen, Threads: *threads,
-		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired, Control: *control, SeparateLoads: *separate, PairedOnly: *pairedOnly}
+		Granularity: *gran, SkipLayers: skipLayers, Repeat: *repeat, DecodeObserver: *decObs, Paired: *paired, Control: *control, SeparateLoads: *separate, PairedBlock: *block, PairedOnly: *pairedOnly}
 	if *out != "" {
 		if err := os.MkdirAll(*out, 0o755); err != nil {
 			return err
@@ -162,9 +163,9 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	return reportRows(rows, *out, *asJSON, stdout)
 }
 
-// replayE2E prints and writes the reports of a JSON file of an earlier run.
-// poolObserver prints the observer's cost pooled over the rows of the given
-// JSON files, or of the e2e-*.json files in the given directories.
+// poolObserver prints the observer's cost, and the paired ratio by prompt
+// length, keep and threads, pooled over the rows of the given JSON files, or
+// of the e2e-*.json files in the given directories.
 func poolObserver(paths []string, stdout io.Writer) error {
 	var rows []*e2ebench.Row
 	for _, p := range paths {
@@ -191,8 +192,13 @@ func poolObserver(paths []string, stdout io.Writer) error {
 			rows = append(rows, rs...)
 		}
 	}
-	return e2ebench.WriteObserverPool(stdout, e2ebench.PoolObserver(rows))
+	if err := e2ebench.WriteObserverPool(stdout, e2ebench.PoolObserver(rows)); err != nil {
+		return err
+	}
+	return e2ebench.WritePairedPool(stdout, e2ebench.PoolPaired(rows))
 }
+
+// replayE2E prints and writes the reports of a JSON file of an earlier run.
 
 func replayE2E(path string, chunked bool, out string, asJSON bool, stdout io.Writer) error {
 	b, err := os.ReadFile(path)

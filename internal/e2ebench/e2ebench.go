@@ -62,6 +62,11 @@ type Spec struct {
 	// alternating blocks of PairedBlock tokens in this one process, so that
 	// the machine's drift between rows does not enter the ratio.
 	Paired int `json:"paired,omitempty"`
+	// PairedBlock is the number of timed tokens one side decodes before the
+	// next side takes its turn (0: DefaultPairedBlock). Smaller blocks follow
+	// the machine's drift more closely; every block also costs one untimed
+	// token per side.
+	PairedBlock int `json:"paired_block,omitempty"`
 	// Control adds to the paired decode a side that measures the
 	// measurement: a third engine holding the prompt uncompressed, like the
 	// second, so that the ratio of two identical engines (A/A) says how
@@ -189,6 +194,8 @@ type Row struct {
 	// compressed one (the weights loaded once; Spec.SeparateLoads off and the
 	// runtime a conformance.Twinner).
 	PairedTwins bool `json:"paired_twins,omitempty"`
+	// PairedBlock is the number of timed tokens per side and turn.
+	PairedBlock int `json:"paired_block,omitempty"`
 
 	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
 	// the end of the row.
@@ -332,7 +339,7 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	}
 	ctx := s.Ctx
 	if ctx <= 0 {
-		ctx = AutoCtx(s.PromptTokens, s.Decode+2*(s.Paired+PairedBlock)+settleTokens(s.Paired))
+		ctx = AutoCtx(s.PromptTokens, s.Decode+2*(s.Paired+s.block())+settleTokens(s.Paired, s.block()))
 	}
 	load := LoadAvg()
 	eng, err := open(f, s, ctx, log)
@@ -474,9 +481,17 @@ func RunRow(f conformance.EngineFactory, s Spec, log io.Writer) (*Row, error) {
 	return r, nil
 }
 
-// PairedBlock is the number of tokens one side of the paired decode
-// measurement decodes before the other side takes its turn.
-const PairedBlock = 8
+// DefaultPairedBlock is the number of tokens one side of the paired decode
+// measurement decodes before the other side takes its turn, unless
+// Spec.PairedBlock says otherwise.
+const DefaultPairedBlock = 8
+
+func (s Spec) block() int {
+	if s.PairedBlock > 0 {
+		return s.PairedBlock
+	}
+	return DefaultPairedBlock
+}
 
 // decodeN decodes n tokens greedily from next, one at a time, appending each
 // token's latency to lat when it is not nil, and returns the next token.
@@ -500,7 +515,7 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // engine holding the same prompt uncompressed: the second engine prefills the
 // prompt and decodes s.Decode tokens untimed (so both are at the same
 // context length), then they decode s.Paired tokens each in alternating
-// blocks of PairedBlock, the order reversed every round (ABBA) so that neither
+// blocks of Spec.PairedBlock tokens, the order reversed every round (ABBA) so that neither
 // side always goes first. When the row decodes with its observer attached
 // (obs), the compressed engine also decodes s.Paired tokens without it, as a
 // third side: that splits the ratio into what compression gains and what
@@ -523,9 +538,9 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	// Each side first decodes one untimed block: the first block after the
 	// other engine's prefill ran on cold caches and made the side that goes
 	// first (the compressed engine with its observer) look slower.
-	need := s.PromptTokens + s.Decode + s.Paired + PairedBlock + settleTokens(s.Paired) // the compressed engine's
+	need := s.PromptTokens + s.Decode + s.Paired + s.block() + settleTokens(s.Paired, s.block()) // the compressed engine's
 	if obs != nil {
-		need += s.Paired + PairedBlock
+		need += s.Paired + s.block()
 	}
 	if need > eng.Info().Context {
 		return fmt.Errorf("%d prompt + %d decoded + %d paired tokens (twice with an observer) exceed the context of %d cells", s.PromptTokens, s.Decode, s.Paired, eng.Info().Context)
@@ -631,12 +646,12 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		return err
 	}
 	for _, side := range sides {
-		if err := decode(side, PairedBlock, false, 0); err != nil {
+		if err := decode(side, s.block(), false, 0); err != nil {
 			return err
 		}
 	}
 	for i, done := 0, 0; done < s.Paired; i++ {
-		n := min(PairedBlock, s.Paired-done)
+		n := min(s.block(), s.Paired-done)
 		order := slices.Clone(sides)
 		if i%2 == 1 {
 			slices.Reverse(order)
@@ -656,7 +671,7 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		}
 		return float64(len(l)) / d.Seconds()
 	}
-	r.PairedTokens = s.Paired
+	r.PairedTokens, r.PairedBlock = s.Paired, s.block()
 	r.PairedTokensPerS, r.PairedBaseTokensPerS = tps(lat[0]), tps(lat[1])
 	r.PairedRatio = r.PairedTokensPerS / r.PairedBaseTokensPerS
 	r.PairedMedianMs, r.PairedBaseMedianMs = ms(median(lat[0])), ms(median(lat[1]))
@@ -714,7 +729,7 @@ func observerCI(with, without []time.Duration) []float64 {
 
 // settleTokens is the number of untimed tokens each engine decodes in the
 // paired measurement beside its blocks: one per round.
-func settleTokens(paired int) int { return (paired + PairedBlock - 1) / PairedBlock }
+func settleTokens(paired, block int) int { return (paired + block - 1) / block }
 
 func median(l []time.Duration) time.Duration {
 	s := slices.Clone(l)

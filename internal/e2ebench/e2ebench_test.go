@@ -169,3 +169,43 @@ func TestPoolObserver(t *testing.T) {
 	require.NoError(t, WriteObserverPool(&b, nil))
 	assert.Contains(t, b.String(), "no rows")
 }
+
+func TestPoolPaired(t *testing.T) {
+	row := func(prompt, block int, twins bool, with, base, control []float64) *Row {
+		return &Row{Runtime: "a", PromptTokens: prompt, Keep: 0.5, Threads: 2, PairedBlock: block, PairedTwins: twins,
+			PairedLatencyMs: map[string][]float64{"with": with, "base": base, "control": control}}
+	}
+	rows := []*Row{
+		// Compressed 20% faster per token in every turn (blocks of 2).
+		row(2048, 2, true, []float64{80, 80, 40, 40}, []float64{100, 100, 50, 50}, []float64{100, 100, 50, 50}),
+		// A second row of the same group: the same speed, turn by turn,
+		// but for noise that cancels within each turn.
+		row(2048, 2, true, []float64{90, 110, 50, 50}, []float64{100, 100, 50, 50}, []float64{100, 100, 50, 50}),
+		// Another prompt length, no control, an older row (block 0 = 8).
+		row(512, 0, false, []float64{10, 10}, []float64{11, 11}, nil),
+		{Runtime: "a", PromptTokens: 4096}, // no latencies: skipped
+	}
+	pools := PoolPaired(rows)
+	require.Len(t, pools, 2)
+	p := pools[0]
+	assert.Equal(t, 2048, p.PromptTokens)
+	assert.Equal(t, 2, p.Rows)
+	assert.Equal(t, 4, p.Blocks, "two turns per row")
+	assert.True(t, p.Twins)
+	assert.InDelta(t, (1.25+1)/2, p.Ratio, 1e-12, "rows weigh the same")
+	assert.InDelta(t, p.Ratio, p.CI[0], 1e-12, "each row's turns have one ratio: no width")
+	assert.InDelta(t, p.Ratio, p.CI[1], 1e-12)
+	assert.InDelta(t, 1, p.Control, 1e-12)
+	q := pools[1]
+	assert.Equal(t, 512, q.PromptTokens)
+	assert.Equal(t, 1, q.Blocks, "two tokens in one default block of 8")
+	assert.False(t, q.Twins)
+	assert.InDelta(t, 1.1, q.Ratio, 1e-12)
+	assert.Zero(t, q.Control, "no control side")
+
+	var b bytes.Buffer
+	require.NoError(t, WritePairedPool(&b, pools))
+	assert.Contains(t, b.String(), "a: 2048 tokens keep 0.5, 2 threads: paired decode, pooled over 2 rows (4 turns, twins): ×1.125")
+	assert.Contains(t, b.String(), "A/A control ×1.000")
+	assert.Contains(t, b.String(), "a: 512 tokens keep 0.5, 2 threads: paired decode, pooled over 1 rows (1 turns, separate loads): ×1.100")
+}

@@ -97,3 +97,120 @@ func WriteObserverPool(w io.Writer, pools []ObserverPool) error {
 	}
 	return nil
 }
+
+// PairedPool is the paired decode ratio (compressed ÷ uncompressed, in
+// tokens/s) pooled over the rows of one runtime, prompt length, keep and
+// thread count, and the A/A ratio of the control engine when every row has
+// one.
+type PairedPool struct {
+	Runtime      string
+	PromptTokens int
+	Keep         float64
+	Threads      int
+	Rows         int
+	Blocks       int // turns pooled: one block of each side per turn
+	// Ratio is the mean over rows of the row's ×paired (each row weighing
+	// the same); CI a 95% bootstrap interval of it, resampling the turns
+	// within each row (a turn's block of the compressed engine with the
+	// uncompressed engine's block of the same turn).
+	Ratio float64
+	CI    [2]float64
+	// Control and ControlCI: the same for the control engine ÷ the
+	// uncompressed one (0 when a row has no control).
+	Control   float64
+	ControlCI [2]float64
+	Twins     bool // every row's uncompressed engines were twins
+}
+
+// PoolPaired pools the paired ratio of the rows that hold per-token
+// latencies (Row.PairedLatencyMs "with" and "base"), grouped by runtime,
+// prompt length, keep and threads, in order of first appearance.
+func PoolPaired(rows []*Row) []PairedPool {
+	type key struct {
+		rt      string
+		prompt  int
+		keep    float64
+		threads int
+	}
+	type group struct {
+		ratio, control [][2][]float64
+		twins          bool
+	}
+	by := map[key]*group{}
+	var order []key
+	// blocks sums a side's latencies per turn.
+	blocks := func(l []float64, b, n int) []float64 {
+		out := make([]float64, 0, (n+b-1)/b)
+		for i := 0; i < n; i += b {
+			var s float64
+			for _, x := range l[i:min(i+b, n)] {
+				s += x
+			}
+			out = append(out, s)
+		}
+		return out
+	}
+	for _, r := range rows {
+		with, base := r.PairedLatencyMs["with"], r.PairedLatencyMs["base"]
+		n := min(len(with), len(base))
+		if n == 0 {
+			continue
+		}
+		k := key{r.Runtime, r.PromptTokens, r.Keep, r.Threads}
+		g := by[k]
+		if g == nil {
+			g = &group{twins: true}
+			by[k] = g
+			order = append(order, k)
+		}
+		b := r.PairedBlock
+		if b <= 0 {
+			b = DefaultPairedBlock // rows from before the block was recorded
+		}
+		g.ratio = append(g.ratio, [2][]float64{blocks(with, b, n), blocks(base, b, n)})
+		g.twins = g.twins && r.PairedTwins
+		if ctl := r.PairedLatencyMs["control"]; len(ctl) >= n {
+			g.control = append(g.control, [2][]float64{blocks(ctl, b, n), blocks(base, b, n)})
+		}
+	}
+	var out []PairedPool
+	for i, k := range order {
+		g := by[k]
+		p := PairedPool{Runtime: k.rt, PromptTokens: k.prompt, Keep: k.keep, Threads: k.threads, Rows: len(g.ratio), Twins: g.twins}
+		for _, r := range g.ratio {
+			p.Blocks += len(r[0])
+		}
+		var c float64
+		c, p.CI = costCI(g.ratio, 100+uint64(i))
+		p.Ratio, p.CI[0], p.CI[1] = 1+c, 1+p.CI[0], 1+p.CI[1]
+		if len(g.control) == len(g.ratio) {
+			c, p.ControlCI = costCI(g.control, 200+uint64(i))
+			p.Control, p.ControlCI[0], p.ControlCI[1] = 1+c, 1+p.ControlCI[0], 1+p.ControlCI[1]
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+// WritePairedPool prints one line per group.
+func WritePairedPool(w io.Writer, pools []PairedPool) error {
+	for _, p := range pools {
+		loads := "separate loads"
+		if p.Twins {
+			loads = "twins"
+		}
+		ctl := ""
+		if p.Control > 0 {
+			ctl = fmt.Sprintf("; A/A control ×%.3f (95%% CI ×%.3f … ×%.3f)", p.Control, p.ControlCI[0], p.ControlCI[1])
+		}
+		threads := "threads"
+		if p.Threads == 1 {
+			threads = "thread"
+		}
+		if _, err := fmt.Fprintf(w, "%s: %d tokens keep %g, %d %s: paired decode, pooled over %d rows (%d turns, %s): ×%.3f (95%% CI ×%.3f … ×%.3f)%s\n",
+			p.Runtime, p.PromptTokens, p.Keep, p.Threads, threads, p.Rows, p.Blocks, loads, p.Ratio, p.CI[0], p.CI[1], ctl); err != nil {
+			return err
+		}
+	}
+	return nil
+}
