@@ -14,6 +14,7 @@ import (
 type Engine struct {
 	m *Model
 	c *Context
+	o ContextOptions // as given to NewEngine (Twin opens its context with them)
 	// users counts the open engines on m (the first and its twins); m is
 	// closed with the last of them.
 	users  *int
@@ -42,7 +43,7 @@ func NewEngine(m *Model, o ContextOptions) (*Engine, error) {
 		m.Close()
 		return nil, err
 	}
-	return &Engine{m: m, c: c, users: new(1)}, nil
+	return &Engine{m: m, c: c, o: o, users: new(1)}, nil
 }
 
 // Twin creates a second engine on e's model: a context of its own with e's
@@ -53,12 +54,12 @@ func (e *Engine) Twin() (*Engine, error) {
 	if e.closed {
 		return nil, fmt.Errorf("%w: twin of a closed engine", ErrClosed)
 	}
-	c, err := e.m.NewContext(e.c.opts)
+	c, err := e.m.NewContext(e.o)
 	if err != nil {
 		return nil, err
 	}
 	*e.users++
-	return &Engine{m: e.m, c: c, users: e.users}, nil
+	return &Engine{m: e.m, c: c, o: e.o, users: e.users}, nil
 }
 
 // Model and Context give access to the full llamacpp API.
