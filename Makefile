@@ -93,6 +93,7 @@ test-kernels:
 
 vet: headers
 	$(GO) vet ./...
+	CGO_ENABLED=0 $(GO) vet ./...
 
 fmt-check:
 	@out=$$(gofmt -l $$(git ls-files '*.go') 2>/dev/null); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -25,6 +25,9 @@ func (s *Session) Close() error { return nil }
 // SetBatch returns ErrNoCgo.
 func (s *Session) SetBatch(n int) error { return ErrNoCgo }
 
+// Twin returns ErrNoCgo.
+func (s *Session) Twin() (*Session, error) { return nil, ErrNoCgo }
+
 // Cache returns nil.
 func (s *Session) Cache() *Cache { return nil }
 
@@ -55,6 +58,9 @@ var _ hooks.Engine = (*Engine)(nil)
 
 // OpenEngine returns ErrNoCgo.
 func OpenEngine(path string, cfg Config) (*Engine, error) { return nil, ErrNoCgo }
+
+// Twin returns ErrNoCgo.
+func (e *Engine) Twin() (*Engine, error) { return nil, ErrNoCgo }
 
 // SetModelName does nothing.
 func (e *Engine) SetModelName(name string) {}
