@@ -45,19 +45,31 @@ func InstallWith(m model.Model, o Options) (*Cache, error) {
 	if err != nil {
 		return nil, err
 	}
-	v := reflect.ValueOf(m)
-	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
-		return nil, fmt.Errorf("%w: architecture %q: model is a %T, not a pointer to a struct", ErrUnsupportedModel, arch, m)
-	}
-	f := v.Elem().FieldByName("Cache")
-	if !f.IsValid() || !f.CanSet() || !reflect.TypeOf(c).AssignableTo(f.Type()) {
-		return nil, fmt.Errorf("%w: architecture %q: no settable Cache field", ErrUnsupportedModel, arch)
+	f, err := cacheField(m)
+	if err != nil {
+		return nil, err
 	}
 	f.Set(reflect.ValueOf(c))
 	if m.Config().Cache != kvcache.Cache(c) {
 		return nil, fmt.Errorf("%w: architecture %q: the cache did not take", ErrUnsupportedModel, arch)
 	}
 	return c, nil
+}
+
+// cacheField is m's settable Cache field, which holds the cache its forward
+// pass uses (InstallWith sets it once; Session.Twin's sessions set it before
+// each pass).
+func cacheField(m model.Model) (reflect.Value, error) {
+	arch := m.Backend().Config().Architecture()
+	v := reflect.ValueOf(m)
+	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
+		return reflect.Value{}, fmt.Errorf("%w: architecture %q: model is a %T, not a pointer to a struct", ErrUnsupportedModel, arch, m)
+	}
+	f := v.Elem().FieldByName("Cache")
+	if !f.IsValid() || !f.CanSet() || !reflect.TypeFor[*Cache]().AssignableTo(f.Type()) {
+		return reflect.Value{}, fmt.Errorf("%w: architecture %q: no settable Cache field", ErrUnsupportedModel, arch)
+	}
+	return f, nil
 }
 
 // newCacheFor builds a kvnorm cache shaped for m's attention (InstallWith

@@ -64,10 +64,10 @@ func Open(path string, cfg Config) (*Session, error) {
 	if err != nil {
 		return nil, err
 	}
-	log := cfg.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	log := cfg.Logger
 	fa := ml.FlashAttentionDisabled
 	if cfg.FlashAttention {
 		fa = ml.FlashAttentionEnabled
@@ -94,20 +94,20 @@ func Open(path string, cfg Config) (*Session, error) {
 		s.protected = p.Sinks + max(p.Window, 1)
 	}
 	if !cfg.Upstream {
-		c, err := InstallWith(m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined, Observe: cfg.Observe})
+		c, err := InstallWith(m, cacheOptions(cfg))
 		if err != nil {
 			return fail(err)
 		}
 		s.cache = c
+		// InstallWith found the field; a twin needs it (forwardRows).
+		if s.share.field, err = cacheField(m); err != nil {
+			return fail(err)
+		}
+		s.share.cur = c
 	}
 	s.kv = m.Config().Cache
 	if s.kv == nil {
 		return fail(fmt.Errorf("%w: architecture %q has no KV cache", ErrUnsupportedModel, m.Backend().Config().Architecture()))
-	}
-	if v := reflect.ValueOf(m); v.Kind() == reflect.Pointer && v.Elem().Kind() == reflect.Struct {
-		if f := v.Elem().FieldByName("Cache"); f.IsValid() && f.CanSet() {
-			s.share.field = f
-		}
 	}
 	tok, ok := m.(tokenizer.Tokenizer)
 	if !ok {
@@ -157,11 +157,18 @@ func (s *Session) Close() error {
 }
 
 // modelShare is what a session and its twins (Session.Twin) share besides
-// the model and the lock: how many are open, and the model's Cache field,
-// which holds the cache of whichever session ran the last forward pass.
+// the model and the lock: how many are open, and the model's Cache field
+// with the cache it holds (that of the session that ran the last forward
+// pass).
 type modelShare struct {
 	users int
-	field reflect.Value // invalid when the model has no settable Cache field
+	field reflect.Value // invalid with Config.Upstream (no twins)
+	cur   kvcache.Cache
+}
+
+// cacheOptions are the options of a session's kvnorm cache.
+func cacheOptions(cfg Config) Options {
+	return Options{Policy: cfg.Policy, Strict: true, Logger: cfg.Logger, Pipelined: cfg.Pipelined, Observe: cfg.Observe}
 }
 
 // Twin opens a second session on s's loaded model: the weights are not
@@ -181,13 +188,9 @@ func (s *Session) Twin() (*Session, error) {
 		return nil, errors.New("ollama: twin: only a session with kvnorm's cache has one (not Config.Upstream)")
 	}
 	cfg := s.cfg
-	log := cfg.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	// The model's cache stays s's until the twin runs a forward pass
+	// The model keeps the cache it holds until the twin runs a forward pass
 	// (forwardRows sets the model's Cache field).
-	c, err := newCacheFor(s.m, Options{Policy: cfg.Policy, Strict: true, Logger: log, Pipelined: cfg.Pipelined, Observe: cfg.Observe})
+	c, err := newCacheFor(s.m, cacheOptions(cfg))
 	if err != nil {
 		return nil, err
 	}
@@ -373,9 +376,10 @@ func (s *Session) forwardRows(seq int, chunk []int32, outs []int32) ([][]float32
 	}
 	b.Outputs = ctx.Input().FromInts(outs, len(outs))
 	ctx.SetBatchSize(n)
-	if s.share.field.IsValid() {
+	if s.share.cur != s.kv && s.share.field.IsValid() {
 		// The model runs with this session's cache (see Twin).
 		s.share.field.Set(reflect.ValueOf(s.kv))
+		s.share.cur = s.kv
 	}
 	t, err := model.Forward(ctx, s.m, b)
 	if err != nil {

@@ -199,7 +199,6 @@ func poolObserver(paths []string, stdout io.Writer) error {
 }
 
 // replayE2E prints and writes the reports of a JSON file of an earlier run.
-
 func replayE2E(path string, chunked bool, out string, asJSON bool, stdout io.Writer) error {
 	b, err := os.ReadFile(path)
 	if err != nil {

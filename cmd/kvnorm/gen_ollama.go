@@ -76,7 +76,6 @@ func (e *ollamaEngine) Twin() (hooks.Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	t.SetModelName(e.Info().Model)
 	return &ollamaEngine{Engine: t, cleanup: func() {}}, nil
 }
 

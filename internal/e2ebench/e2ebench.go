@@ -515,8 +515,8 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // engine holding the same prompt uncompressed: the second engine prefills the
 // prompt and decodes s.Decode tokens untimed (so both are at the same
 // context length), then they decode s.Paired tokens each in alternating
-// blocks of Spec.PairedBlock tokens, the order reversed every round (ABBA) so that neither
-// side always goes first. When the row decodes with its observer attached
+// blocks of Spec.PairedBlock tokens, the order reversed every round (ABBA)
+// so that neither side always goes first. When the row decodes with its observer attached
 // (obs), the compressed engine also decodes s.Paired tokens without it, as a
 // third side: that splits the ratio into what compression gains and what
 // streaming new keys to the compressor costs. The compressed engine's block
@@ -545,11 +545,11 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 	if need > eng.Info().Context {
 		return fmt.Errorf("%d prompt + %d decoded + %d paired tokens (twice with an observer) exceed the context of %d cells", s.PromptTokens, s.Decode, s.Paired, eng.Info().Context)
 	}
-	// uncompressed opens an engine without observer that holds the prompt
-	// and s.Decode decoded tokens, and returns it and its next token.
 	tw, twins := eng.(conformance.Twinner)
 	twins = twins && !s.SeparateLoads
 	r.PairedTwins = twins
+	// uncompressed opens an engine without observer that holds the prompt
+	// and s.Decode decoded tokens, and returns it and its next token.
 	uncompressed := func(what string) (hooks.Engine, int32, error) {
 		var e hooks.Engine
 		var err error

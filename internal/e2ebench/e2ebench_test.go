@@ -191,7 +191,7 @@ func TestPoolPaired(t *testing.T) {
 	assert.Equal(t, 2048, p.PromptTokens)
 	assert.Equal(t, 2, p.Rows)
 	assert.Equal(t, 4, p.Blocks, "two turns per row")
-	assert.True(t, p.Twins)
+	assert.Equal(t, 2, p.TwinRows)
 	assert.InDelta(t, (1.25+1)/2, p.Ratio, 1e-12, "rows weigh the same")
 	assert.InDelta(t, p.Ratio, p.CI[0], 1e-12, "each row's turns have one ratio: no width")
 	assert.InDelta(t, p.Ratio, p.CI[1], 1e-12)
@@ -199,7 +199,7 @@ func TestPoolPaired(t *testing.T) {
 	q := pools[1]
 	assert.Equal(t, 512, q.PromptTokens)
 	assert.Equal(t, 1, q.Blocks, "two tokens in one default block of 8")
-	assert.False(t, q.Twins)
+	assert.Zero(t, q.TwinRows)
 	assert.InDelta(t, 1.1, q.Ratio, 1e-12)
 	assert.Zero(t, q.Control, "no control side")
 
@@ -208,4 +208,7 @@ func TestPoolPaired(t *testing.T) {
 	assert.Contains(t, b.String(), "a: 2048 tokens keep 0.5, 2 threads: paired decode, pooled over 2 rows (4 turns, twins): ×1.125")
 	assert.Contains(t, b.String(), "A/A control ×1.000")
 	assert.Contains(t, b.String(), "a: 512 tokens keep 0.5, 2 threads: paired decode, pooled over 1 rows (1 turns, separate loads): ×1.100")
+	b.Reset()
+	require.NoError(t, WritePairedPool(&b, []PairedPool{{Runtime: "a", Threads: 1, Rows: 3, TwinRows: 1, Ratio: 1}}))
+	assert.Contains(t, b.String(), "1 thread: paired decode, pooled over 3 rows (0 turns, twins in 1)", "a mixed group says so")
 }

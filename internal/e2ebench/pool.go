@@ -119,7 +119,7 @@ type PairedPool struct {
 	// uncompressed one (0 when a row has no control).
 	Control   float64
 	ControlCI [2]float64
-	Twins     bool // every row's uncompressed engines were twins
+	TwinRows  int // rows whose uncompressed engines were twins (Row.PairedTwins)
 }
 
 // PoolPaired pools the paired ratio of the rows that hold per-token
@@ -134,7 +134,7 @@ func PoolPaired(rows []*Row) []PairedPool {
 	}
 	type group struct {
 		ratio, control [][2][]float64
-		twins          bool
+		twins          int
 	}
 	by := map[key]*group{}
 	var order []key
@@ -159,7 +159,7 @@ func PoolPaired(rows []*Row) []PairedPool {
 		k := key{r.Runtime, r.PromptTokens, r.Keep, r.Threads}
 		g := by[k]
 		if g == nil {
-			g = &group{twins: true}
+			g = &group{}
 			by[k] = g
 			order = append(order, k)
 		}
@@ -168,7 +168,9 @@ func PoolPaired(rows []*Row) []PairedPool {
 			b = DefaultPairedBlock // rows from before the block was recorded
 		}
 		g.ratio = append(g.ratio, [2][]float64{blocks(with, b, n), blocks(base, b, n)})
-		g.twins = g.twins && r.PairedTwins
+		if r.PairedTwins {
+			g.twins++
+		}
 		if ctl := r.PairedLatencyMs["control"]; len(ctl) >= n {
 			g.control = append(g.control, [2][]float64{blocks(ctl, b, n), blocks(base, b, n)})
 		}
@@ -176,7 +178,7 @@ func PoolPaired(rows []*Row) []PairedPool {
 	var out []PairedPool
 	for i, k := range order {
 		g := by[k]
-		p := PairedPool{Runtime: k.rt, PromptTokens: k.prompt, Keep: k.keep, Threads: k.threads, Rows: len(g.ratio), Twins: g.twins}
+		p := PairedPool{Runtime: k.rt, PromptTokens: k.prompt, Keep: k.keep, Threads: k.threads, Rows: len(g.ratio), TwinRows: g.twins}
 		for _, r := range g.ratio {
 			p.Blocks += len(r[0])
 		}
@@ -195,9 +197,12 @@ func PoolPaired(rows []*Row) []PairedPool {
 // WritePairedPool prints one line per group.
 func WritePairedPool(w io.Writer, pools []PairedPool) error {
 	for _, p := range pools {
-		loads := "separate loads"
-		if p.Twins {
+		loads := fmt.Sprintf("twins in %d", p.TwinRows)
+		switch p.TwinRows {
+		case p.Rows:
 			loads = "twins"
+		case 0:
+			loads = "separate loads"
 		}
 		ctl := ""
 		if p.Control > 0 {
