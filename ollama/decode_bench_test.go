@@ -27,7 +27,8 @@ import (
 // The model is KVNORM_BENCH_MODEL (a GGUF; default: stories260K with a
 // 400-token prompt), the prompt KVNORM_BENCH_PROMPT tokens (default 2048 with
 // a model set), the threads KVNORM_BENCH_THREADS (default 1). Each engine is
-// opened and prefilled once per test binary, so `-count N` interleaves the two
+// opened (the first loads the model, the others are its twins) and
+// prefilled once per test binary, so `-count N` interleaves the two
 // sub-benchmarks without decoding the prompt again; every 64 tokens the
 // decoded tail is removed (untimed) so the context stays at the prompt's
 // length. For example:
@@ -107,7 +108,18 @@ func benchEngine(b *testing.B, keep float64) *benchDecoder {
 		}
 		threads = n
 	}
-	e, err := OpenEngine(model, Config{Context: prompt + decodeBenchTail + 1, Threads: threads, FlashAttention: true})
+	// The first engine loads the model; the others are its twins (the same
+	// weights in memory, a cache of their own), so that where the weights
+	// landed does not differ between the sides.
+	var e *Engine
+	var err error
+	for _, other := range benchEngines {
+		e, err = other.Twin()
+		break
+	}
+	if e == nil && err == nil {
+		e, err = OpenEngine(model, Config{Context: prompt + decodeBenchTail + 1, Threads: threads, FlashAttention: true})
+	}
 	if err != nil {
 		b.Fatal(err)
 	}

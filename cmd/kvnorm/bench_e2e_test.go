@@ -128,6 +128,14 @@ func TestBenchE2ERowsTiny(t *testing.T) {
 					assert.InDelta(t, r.PairedControlTokensPerS/r.PairedBaseTokensPerS, r.PairedControlRatio, 1e-9, "the control side: a second uncompressed engine")
 					assert.Positive(t, r.PairedControlRatio)
 					assert.True(t, r.PairedTwins, "the uncompressed engines are twins of the compressed one")
+					// Every engine decodes as many tokens: with and without
+					// the observer on the compressed one, timed and untimed
+					// on the others, so they stay at one context length.
+					assert.True(t, r.PairedEvenGrowth)
+					assert.Positive(t, r.PairedGrowth["compressed"])
+					assert.Equal(t, r.PairedGrowth["compressed"], r.PairedGrowth["base"], "%v", r.PairedGrowth)
+					assert.Equal(t, r.PairedGrowth["compressed"], r.PairedGrowth["control"], "%v", r.PairedGrowth)
+					assert.Len(t, r.PairedLatencyMs["base"], 6, "6 timed tokens on the uncompressed side")
 				} else {
 					assert.Zero(t, r.PairedTokens, "the uncompressed row has nothing to pair with")
 				}

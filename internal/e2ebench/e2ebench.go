@@ -196,6 +196,16 @@ type Row struct {
 	PairedTwins bool `json:"paired_twins,omitempty"`
 	// PairedBlock is the number of timed tokens per side and turn.
 	PairedBlock int `json:"paired_block,omitempty"`
+	// PairedEvenGrowth is set when the uncompressed engines decoded as many
+	// tokens as the compressed one, which with an observer decodes two per
+	// timed token (with and without it): every engine was at the same
+	// context length at every turn. Rows without it (before 2026-12-02
+	// 21:00 UTC) grew the compressed engine twice as fast, which held a
+	// little more in its cache than the uncompressed ones held beyond the prompt.
+	PairedEvenGrowth bool `json:"paired_even_growth,omitempty"`
+	// PairedGrowth is the number of tokens each engine decoded in the
+	// paired measurement, timed or not ("compressed", "base", "control").
+	PairedGrowth map[string]int `json:"paired_growth,omitempty"`
 
 	// PeakRSSBytes is VmHWM at the end of the row; the rest is the memory at
 	// the end of the row.
@@ -532,7 +542,11 @@ func decodeN(eng hooks.Engine, seq hooks.SeqID, next int32, n int, lat *[]time.D
 // Decode calls are timed. The second engine is opened after the row's memory
 // was read, so it is not in the row's peak RSS; it is a twin of the first
 // (conformance.Twinner: the same weights in memory) unless the runtime has
-// none or Spec.SeparateLoads asks for a second load.
+// none or Spec.SeparateLoads asks for a second load. With an observer the
+// uncompressed engines decode two tokens for each one timed, untimed ones
+// in the slots where the compressed engine decodes without its observer,
+// so every engine grows by the same tokens per turn and the sides are
+// compared at the same context length (PairedEvenGrowth).
 func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine, obs hooks.Observer, next int32, toks []int32, r *Row, log io.Writer) error {
 	const seq = 0
 	// Each side first decodes one untimed block: the first block after the
@@ -592,24 +606,60 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		defer ctl.Close()
 		sides = append(sides, 3)
 	}
+	// step decodes on one engine, counting every token each engine decodes
+	// from here on (Row.PairedGrowth).
+	grown := map[string]int{}
+	name := func(e hooks.Engine) string {
+		switch e {
+		case base:
+			return "base"
+		case ctl:
+			return "control"
+		}
+		return "compressed"
+	}
+	step := func(e hooks.Engine, next int32, n int, lat *[]time.Duration) (int32, error) {
+		grown[name(e)] += n
+		return decodeN(e, seq, next, n, lat)
+	}
 	lat := make([][]time.Duration, 4)
+	// decodeEven decodes n timed tokens on an uncompressed engine and, when
+	// the compressed engine decodes 2n per block (obs set), n untimed ones
+	// in its without-observer slots.
+	decodeEven := func(e hooks.Engine, next int32, n int, into *[]time.Duration, round int) (int32, error) {
+		if obs == nil {
+			return step(e, next, n, into)
+		}
+		var err error
+		for j := range 2 * n {
+			l := into
+			if !withSlot(j, round) {
+				l = nil
+			}
+			if next, err = step(e, next, 1, l); err != nil {
+				return 0, err
+			}
+		}
+		return next, nil
+	}
 	// decode1 decodes the untimed first token of a side's block (its
 	// latency is kept apart, in first[side]).
 	first := make([][]time.Duration, 4)
 	decode1 := func(side int) (err error) {
 		switch side {
 		case 0:
-			next, err = decodeN(eng, seq, next, 1, &first[side])
+			next, err = step(eng, next, 1, &first[side])
 		case 1:
-			bnext, err = decodeN(base, seq, bnext, 1, &first[side])
+			bnext, err = step(base, bnext, 1, &first[side])
 		case 3:
-			cnext, err = decodeN(ctl, seq, cnext, 1, &first[side])
+			cnext, err = step(ctl, cnext, 1, &first[side])
 		}
 		return err
 	}
 	// decode runs n tokens of one side, timed into lat[side] when timed
 	// (and, for the compressed engine with an observer, n more without it,
-	// timed into lat[2]).
+	// timed into lat[2]; the uncompressed engines then decode n more
+	// untimed, in the same slots, to grow as fast).
 	decode := func(side, n int, timed bool, round int) (err error) {
 		var into, without *[]time.Duration
 		if timed {
@@ -624,24 +674,24 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		switch side {
 		case 0:
 			if obs == nil {
-				next, err = decodeN(eng, seq, next, n, into)
+				next, err = step(eng, next, n, into)
 				break
 			}
 			// n tokens with the observer and n without, interleaved.
 			for j := range 2 * n {
 				o, l := hooks.Observer(nil), without
-				if (j%4 == 0 || j%4 == 3) == (round%2 == 0) {
+				if withSlot(j, round) {
 					o, l = obs, into
 				}
 				eng.SetObserver(o)
-				if next, err = decodeN(eng, seq, next, 1, l); err != nil {
+				if next, err = step(eng, next, 1, l); err != nil {
 					return err
 				}
 			}
 		case 1:
-			bnext, err = decodeN(base, seq, bnext, n, into)
+			bnext, err = decodeEven(base, bnext, n, into, round)
 		case 3:
-			cnext, err = decodeN(ctl, seq, cnext, n, into)
+			cnext, err = decodeEven(ctl, cnext, n, into, round)
 		}
 		return err
 	}
@@ -671,7 +721,8 @@ func pairedDecode(f conformance.EngineFactory, s Spec, ctx int, eng hooks.Engine
 		}
 		return float64(len(l)) / d.Seconds()
 	}
-	r.PairedTokens, r.PairedBlock = s.Paired, s.block()
+	r.PairedTokens, r.PairedBlock, r.PairedEvenGrowth = s.Paired, s.block(), obs != nil
+	r.PairedGrowth = grown
 	r.PairedTokensPerS, r.PairedBaseTokensPerS = tps(lat[0]), tps(lat[1])
 	r.PairedRatio = r.PairedTokensPerS / r.PairedBaseTokensPerS
 	r.PairedMedianMs, r.PairedBaseMedianMs = ms(median(lat[0])), ms(median(lat[1]))
@@ -726,6 +777,11 @@ func observerCI(with, without []time.Duration) []float64 {
 	_, ci := costCI([][2][]float64{{w, o}}, 2)
 	return ci[:]
 }
+
+// withSlot reports whether token j of the compressed engine's block in
+// round decodes with the observer: with, without, without, with, ...,
+// which of the two goes first alternating by round.
+func withSlot(j, round int) bool { return (j%4 == 0 || j%4 == 3) == (round%2 == 0) }
 
 // settleTokens is the number of untimed tokens each engine decodes in the
 // paired measurement beside its blocks: one per round.

@@ -211,4 +211,19 @@ func TestPoolPaired(t *testing.T) {
 	b.Reset()
 	require.NoError(t, WritePairedPool(&b, []PairedPool{{Runtime: "a", Threads: 1, Rows: 3, TwinRows: 1, Ratio: 1}}))
 	assert.Contains(t, b.String(), "1 thread: paired decode, pooled over 3 rows (0 turns, twins in 1)", "a mixed group says so")
+
+	// Rows whose engines grew alike say so; a group mixing them with
+	// older rows says how many.
+	even := row(2048, 2, true, []float64{80, 80}, []float64{100, 100}, nil)
+	even.PairedEvenGrowth = true
+	pools = PoolPaired([]*Row{even})
+	require.Len(t, pools, 1)
+	assert.Equal(t, 1, pools[0].EvenRows)
+	b.Reset()
+	require.NoError(t, WritePairedPool(&b, pools))
+	assert.Contains(t, b.String(), "(1 turns, twins, even growth): ×1.250")
+	pools = PoolPaired([]*Row{even, rows[0]})
+	b.Reset()
+	require.NoError(t, WritePairedPool(&b, pools))
+	assert.Contains(t, b.String(), "(3 turns, twins, even growth in 1)")
 }

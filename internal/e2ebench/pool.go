@@ -120,6 +120,7 @@ type PairedPool struct {
 	Control   float64
 	ControlCI [2]float64
 	TwinRows  int // rows whose uncompressed engines were twins (Row.PairedTwins)
+	EvenRows  int // rows whose engines grew alike (Row.PairedEvenGrowth)
 }
 
 // PoolPaired pools the paired ratio of the rows that hold per-token
@@ -134,7 +135,7 @@ func PoolPaired(rows []*Row) []PairedPool {
 	}
 	type group struct {
 		ratio, control [][2][]float64
-		twins          int
+		twins, even    int
 	}
 	by := map[key]*group{}
 	var order []key
@@ -171,6 +172,9 @@ func PoolPaired(rows []*Row) []PairedPool {
 		if r.PairedTwins {
 			g.twins++
 		}
+		if r.PairedEvenGrowth {
+			g.even++
+		}
 		if ctl := r.PairedLatencyMs["control"]; len(ctl) >= n {
 			g.control = append(g.control, [2][]float64{blocks(ctl, b, n), blocks(base, b, n)})
 		}
@@ -178,7 +182,7 @@ func PoolPaired(rows []*Row) []PairedPool {
 	var out []PairedPool
 	for i, k := range order {
 		g := by[k]
-		p := PairedPool{Runtime: k.rt, PromptTokens: k.prompt, Keep: k.keep, Threads: k.threads, Rows: len(g.ratio), TwinRows: g.twins}
+		p := PairedPool{Runtime: k.rt, PromptTokens: k.prompt, Keep: k.keep, Threads: k.threads, Rows: len(g.ratio), TwinRows: g.twins, EvenRows: g.even}
 		for _, r := range g.ratio {
 			p.Blocks += len(r[0])
 		}
@@ -203,6 +207,13 @@ func WritePairedPool(w io.Writer, pools []PairedPool) error {
 			loads = "twins"
 		case 0:
 			loads = "separate loads"
+		}
+		switch p.EvenRows {
+		case p.Rows:
+			loads += ", even growth"
+		case 0:
+		default:
+			loads += fmt.Sprintf(", even growth in %d", p.EvenRows)
 		}
 		ctl := ""
 		if p.Control > 0 {
