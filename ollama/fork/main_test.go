@@ -91,3 +91,20 @@ func TestGoLine(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "1.26.0", v)
 }
+
+// TestOptFlags: outside make the tool builds with the Makefile's flags on an
+// AVX2 host, and never overrides flags the caller set.
+func TestOptFlags(t *testing.T) {
+	t.Setenv("CGO_CFLAGS", "")
+	t.Setenv("CGO_CXXFLAGS", "")
+	if hostHasAVX2() {
+		require.Equal(t, []string{"CGO_CFLAGS=-O3 -march=x86-64-v3", "CGO_CXXFLAGS=-O3 -march=x86-64-v3"}, optFlags())
+	} else {
+		require.Nil(t, optFlags())
+	}
+	t.Setenv("CGO_CFLAGS", "-O2")
+	require.Nil(t, optFlags(), "a caller's CGO_CFLAGS wins")
+	t.Setenv("CGO_CFLAGS", "")
+	t.Setenv("CGO_CXXFLAGS", "-O2")
+	require.Nil(t, optFlags(), "a caller's CGO_CXXFLAGS wins")
+}
