@@ -218,8 +218,12 @@ func optFlags() []string {
 	if os.Getenv("CGO_CFLAGS") != "" || os.Getenv("CGO_CXXFLAGS") != "" || !hostHasAVX2() {
 		return nil
 	}
-	return []string{"CGO_CFLAGS=-O3 -march=x86-64-v3", "CGO_CXXFLAGS=-O3 -march=x86-64-v3"}
+	return []string{"CGO_CFLAGS=" + makeFlags, "CGO_CXXFLAGS=" + makeFlags}
 }
+
+// makeFlags are the Makefile's CGO_CFLAGS and CGO_CXXFLAGS on an AVX2 host;
+// TestOptFlagsMatchMakefile fails when the two differ.
+const makeFlags = "-O3 -march=x86-64-v3"
 
 // findRepo walks up from the working directory to kvnorm's go.mod.
 func findRepo() (string, error) {

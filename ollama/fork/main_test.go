@@ -108,3 +108,25 @@ func TestOptFlags(t *testing.T) {
 	t.Setenv("CGO_CXXFLAGS", "-O2")
 	require.Nil(t, optFlags(), "a caller's CGO_CXXFLAGS wins")
 }
+
+// TestOptFlagsMatchMakefile: the tool's flags are the Makefile's, so a
+// bin/ollama built by the fork's tests is the one `make ollama` builds.
+func TestOptFlagsMatchMakefile(t *testing.T) {
+	repo, err := findRepo()
+	require.NoError(t, err)
+	mk, err := os.ReadFile(filepath.Join(repo, "Makefile"))
+	require.NoError(t, err)
+	found := map[string]string{}
+	for _, line := range strings.Split(string(mk), "\n") {
+		for _, v := range []string{"CGO_CFLAGS", "CGO_CXXFLAGS"} {
+			if rest, ok := strings.CutPrefix(line, v); ok {
+				if val, ok := strings.CutPrefix(strings.TrimSpace(rest), "?="); ok {
+					found[v] = strings.TrimSpace(val)
+				}
+			}
+		}
+	}
+	require.Len(t, found, 2, "the Makefile sets CGO_CFLAGS and CGO_CXXFLAGS with ?=")
+	assert.Equal(t, makeFlags, found["CGO_CFLAGS"], "Makefile CGO_CFLAGS")
+	assert.Equal(t, makeFlags, found["CGO_CXXFLAGS"], "Makefile CGO_CXXFLAGS")
+}
