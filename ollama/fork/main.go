@@ -27,8 +27,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
+
+	"golang.org/x/sys/cpu"
 )
 
 const (
@@ -199,7 +202,7 @@ func build(out, bin, repo, version string) error {
 	cmd.Dir = src
 	cmd.Env = append(os.Environ(), "GOWORK="+work, "CGO_ENABLED=1", "GOFLAGS=",
 		"CGO_CPPFLAGS="+strings.TrimSpace(os.Getenv("CGO_CPPFLAGS")+" -I"+include))
-	cmd.Env = append(cmd.Env, optFlags()...)
+	cmd.Env = append(cmd.Env, optFlags()...) // after os.Environ: the later value wins
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	fmt.Fprintf(os.Stderr, "ollama fork: building %s from %s (Ollama %s + kvnorm)\n", bin, src, modVersion)
 	if err := cmd.Run(); err != nil {
@@ -220,6 +223,9 @@ func optFlags() []string {
 	}
 	return []string{"CGO_CFLAGS=" + makeFlags, "CGO_CXXFLAGS=" + makeFlags}
 }
+
+// hostHasAVX2 is the Makefile's test (x86_64, avx2 in /proc/cpuinfo).
+func hostHasAVX2() bool { return runtime.GOARCH == "amd64" && cpu.X86.HasAVX2 }
 
 // makeFlags are the Makefile's CGO_CFLAGS and CGO_CXXFLAGS on an AVX2 host;
 // TestOptFlagsMatchMakefile fails when the two differ.

@@ -1,5 +1,0 @@
-//go:build !amd64
-
-package main
-
-func hostHasAVX2() bool { return false }
