@@ -62,7 +62,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 	maxLoad := fs.Float64("max-load", 0, "on a shared machine: before each row, wait until the 1-minute load average is below this (0: do not wait)")
 	loadWait := fs.Duration("max-load-wait", 15*time.Minute, "the longest --max-load waits before a row (then it measures anyway, and the row's load says so)")
 	inProc := fs.Bool("in-process", false, "measure in this process instead of one child process per row (peak RSS is then cumulative)")
-	asJSON := fs.Bool("json", false, "print JSON (a list of rows; with --chunked, the chunked result) instead of tables")
+	asJSON := fs.Bool("json", false, "print JSON (a list of rows; with --chunked, the chunked result; with --pool-observer, the pools unrounded) instead of tables")
 	fromJSON := fs.String("from-json", "", "measure nothing: print and write (--out) the tables and plots of a JSON file an earlier run wrote (rows or --chunked)")
 	pool := fs.String("pool-observer", "", "measure nothing: pool the observer's decode cost (with against without it, token by token) by runtime, and the paired ratio (and A/A control) by runtime, prompt, keep and threads, over the rows of earlier runs' JSON files or --out directories, comma-separated, with 95% bootstrap intervals")
 	out := fs.String("out", "", "directory for the JSON, a markdown table and the plot (e2e-RUNTIME.*, chunked-RUNTIME.*)")
@@ -73,7 +73,7 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 		return replayE2E(*fromJSON, *chunked, *out, *asJSON, stdout)
 	}
 	if *pool != "" {
-		return poolObserver(strings.Split(*pool, ","), stdout)
+		return poolObserver(strings.Split(*pool, ","), *asJSON, stdout)
 	}
 	if *model == "" {
 		return errors.New("--model is required")
@@ -165,8 +165,9 @@ func runBenchE2E(args []string, stdout, stderr io.Writer) error {
 
 // poolObserver prints the observer's cost, and the paired ratio by prompt
 // length, keep and threads, pooled over the rows of the given JSON files, or
-// of the e2e-*.json files in the given directories.
-func poolObserver(paths []string, stdout io.Writer) error {
+// of the e2e-*.json files in the given directories; asJSON prints them as one
+// JSON object ({"observer": [...], "paired": [...]}) at full precision.
+func poolObserver(paths []string, asJSON bool, stdout io.Writer) error {
 	var rows []*e2ebench.Row
 	for _, p := range paths {
 		files := []string{p}
@@ -192,10 +193,19 @@ func poolObserver(paths []string, stdout io.Writer) error {
 			rows = append(rows, rs...)
 		}
 	}
-	if err := e2ebench.WriteObserverPool(stdout, e2ebench.PoolObserver(rows)); err != nil {
+	obs, paired := e2ebench.PoolObserver(rows), e2ebench.PoolPaired(rows)
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(struct {
+			Observer []e2ebench.ObserverPool `json:"observer"`
+			Paired   []e2ebench.PairedPool   `json:"paired"`
+		}{obs, paired})
+	}
+	if err := e2ebench.WriteObserverPool(stdout, obs); err != nil {
 		return err
 	}
-	return e2ebench.WritePairedPool(stdout, e2ebench.PoolPaired(rows))
+	return e2ebench.WritePairedPool(stdout, paired)
 }
 
 // replayE2E prints and writes the reports of a JSON file of an earlier run.

@@ -264,6 +264,22 @@ func TestBenchE2EFlags(t *testing.T) {
 	stderr.Reset()
 	assert.Equal(t, 0, run([]string{"bench", "e2e", "--pool-observer", dir}, &stdout, &stderr), stderr.String())
 	assert.Contains(t, stdout.String(), "r: decode with the observer vs without it, pooled over 1 rows (2 token pairs): -9.09% (95% CI -9.09% … -9.09%)")
+	// --json prints the pools unrounded.
+	paired := `[{"runtime":"r","prompt_tokens":8,"keep":0.5,"threads":2,"paired_block":1,"paired_latency_ms":{"with":[100,100,100],"without":[100,100,100],"base":[104.99,104.99,104.99]}}]`
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "e2e-r.json"), []byte(paired), 0o644))
+	stdout.Reset()
+	assert.Equal(t, 0, run([]string{"bench", "e2e", "--pool-observer", dir, "--json"}, &stdout, &stderr), stderr.String())
+	var pools struct {
+		Observer []e2ebench.ObserverPool `json:"observer"`
+		Paired   []e2ebench.PairedPool   `json:"paired"`
+	}
+	require.NoError(t, json.Unmarshal(stdout.Bytes(), &pools), stdout.String())
+	require.Len(t, pools.Observer, 1)
+	assert.InDelta(t, 0, pools.Observer[0].Cost, 1e-12)
+	require.Len(t, pools.Paired, 1)
+	assert.Equal(t, 3, pools.Paired[0].Blocks)
+	assert.InDelta(t, 1.0499, pools.Paired[0].Ratio, 1e-12, "not rounded to 1.050")
+	assert.Contains(t, stdout.String(), `"prompt_tokens": 8`)
 	stderr.Reset()
 	assert.Equal(t, 1, run([]string{"bench", "e2e", "--pool-observer", t.TempDir()}, &stdout, &stderr))
 	assert.Contains(t, stderr.String(), "holds no e2e-*.json")

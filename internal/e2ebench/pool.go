@@ -12,14 +12,14 @@ import (
 // by token (Row.PairedLatencyMs "with" and "without", pair i decoded next to
 // each other).
 type ObserverPool struct {
-	Runtime string
-	Rows    int
-	Pairs   int
+	Runtime string `json:"runtime"`
+	Rows    int    `json:"rows"`
+	Pairs   int    `json:"pairs"`
 	// Cost is the mean over rows of (tokens/s with ÷ without) − 1, each
 	// row weighing the same; CI a 95% bootstrap interval of it, resampling
 	// the pairs within each row (stratified by row).
-	Cost float64
-	CI   [2]float64
+	Cost float64    `json:"cost"`
+	CI   [2]float64 `json:"ci"`
 }
 
 // PoolObserver pools the observer's cost by runtime over the rows that hold
@@ -103,24 +103,24 @@ func WriteObserverPool(w io.Writer, pools []ObserverPool) error {
 // thread count, and the A/A ratio of the control engine when every row has
 // one.
 type PairedPool struct {
-	Runtime      string
-	PromptTokens int
-	Keep         float64
-	Threads      int
-	Rows         int
-	Blocks       int // turns pooled: one block of each side per turn
+	Runtime      string  `json:"runtime"`
+	PromptTokens int     `json:"prompt_tokens"`
+	Keep         float64 `json:"keep"`
+	Threads      int     `json:"threads"`
+	Rows         int     `json:"rows"`
+	Blocks       int     `json:"turns"` // turns pooled: one block of each side per turn
 	// Ratio is the mean over rows of the row's ×paired (each row weighing
 	// the same); CI a 95% bootstrap interval of it, resampling the turns
 	// within each row (a turn's block of the compressed engine with the
 	// uncompressed engine's block of the same turn).
-	Ratio float64
-	CI    [2]float64
+	Ratio float64    `json:"ratio"`
+	CI    [2]float64 `json:"ci"`
 	// Control and ControlCI: the same for the control engine ÷ the
 	// uncompressed one (0 when a row has no control).
-	Control   float64
-	ControlCI [2]float64
-	TwinRows  int // rows whose uncompressed engines were twins (Row.PairedTwins)
-	EvenRows  int // rows whose engines grew alike (Row.PairedEvenGrowth)
+	Control   float64    `json:"control,omitempty"`
+	ControlCI [2]float64 `json:"control_ci"`
+	TwinRows  int        `json:"twin_rows"` // rows whose uncompressed engines were twins (Row.PairedTwins)
+	EvenRows  int        `json:"even_rows"` // rows whose engines grew alike (Row.PairedEvenGrowth)
 }
 
 // PoolPaired pools the paired ratio of the rows that hold per-token
